@@ -1,0 +1,12 @@
+//! ferrun's communication layer.
+//!
+//! # Layout
+//! - [`env`]: the worker environment contract (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`,
+//!   `TORCHELASTIC_*`, …) that the launcher writes and every worker reads, written down once
+//!   as a typed struct.
+//!
+//! The store, the communicator and the collective algorithms build on this contract.
+
+pub mod env;
+
+pub use env::{EnvError, WorkerEnv};

@@ -1,0 +1,538 @@
+//! From command-line flags to a checked launch configuration.
+//!
+//! Everything a user can get wrong is checked here, before any process starts, and reported as
+//! a [`ConfigError`] that names the flag and what it accepts.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::cli::{Args, Flavor};
+use crate::logs::{parse_ranks_filter, LogSpecError, StdSpec};
+use crate::nproc::{self, Devices, NprocError};
+
+/// A launch configuration that cannot work, said in the user's terms.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--nnodes` is not `N` or `MIN:MAX` with `0 < MIN <= MAX`.
+    #[error("--nnodes {0:?} is not valid: use N or MIN:MAX with 0 < MIN <= MAX (e.g. 2 or 1:4)")]
+    Nnodes(String),
+    /// More than one node was asked for.
+    #[error("--nnodes {0}: ferrun runs single-node jobs so far; multi-node rendezvous is not built yet. Launch with --nnodes 1 (or --standalone)")]
+    MultiNode(String),
+    /// `--node-rank` does not fit `--nnodes`.
+    #[error("--node-rank {node_rank} is out of range: with --nnodes {nnodes} it must be below {nnodes}")]
+    NodeRank {
+        /// The rank given.
+        node_rank: u32,
+        /// The number of nodes.
+        nnodes: u32,
+    },
+    /// `--nproc-per-node` cannot be resolved.
+    #[error(transparent)]
+    Nproc(#[from] NprocError),
+    /// `--redirects`, `--tee` or `--local-ranks-filter` is malformed.
+    #[error(transparent)]
+    LogSpec(#[from] LogSpecError),
+    /// `--rdzv-backend` is not a known backend.
+    #[error("--rdzv-backend {0:?} is not known: use static, c10d, etcd or etcd-v2")]
+    Backend(String),
+    /// `--rdzv-endpoint` does not parse.
+    #[error("--rdzv-endpoint {0:?} is not valid: use host, host:port or [ipv6]:port")]
+    Endpoint(String),
+    /// `--rdzv-conf` does not parse.
+    #[error("--rdzv-conf {0:?} is not valid: use key1=value1,key2=value2 with non-empty keys and values")]
+    RdzvConf(String),
+    /// `--signals-to-handle` names something that is not a signal.
+    #[error("--signals-to-handle: {0:?} is not a signal name: use names like SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")]
+    Signal(String),
+    /// The shutdown timeout is negative or not a number.
+    #[error("{0} is not valid: use a number of seconds >= 0")]
+    ShutdownTimeout(String),
+    /// Two flags that exclude each other.
+    #[error("{0}")]
+    Conflict(&'static str),
+    /// The training script is not there.
+    #[error("training script {path:?} does not exist (relative to {cwd}); check the path, or pass -m for a module")]
+    ScriptMissing {
+        /// The path given.
+        path: String,
+        /// The working directory it was looked up in.
+        cwd: String,
+    },
+    /// A program (`--no-python`, or the Python interpreter) is not on `PATH`.
+    #[error("{what} {name:?} was not found: {hint}")]
+    ProgramMissing {
+        /// What was looked for.
+        what: &'static str,
+        /// The name looked for.
+        name: String,
+        /// How to fix it.
+        hint: &'static str,
+    },
+}
+
+/// How worker output is routed (see [`crate::logs`]).
+#[derive(Debug, Clone)]
+pub struct OutputConfig {
+    /// Streams that go to log files only.
+    pub redirects: StdSpec,
+    /// Streams that go to log files and the console.
+    pub tee: StdSpec,
+    /// Local ranks whose console output is shown (`None`: all).
+    pub ranks_filter: Option<BTreeSet<u32>>,
+    /// Lines of stdout containing one of these are copied to `filtered_stdout.log`.
+    pub stdout_filters: Vec<String>,
+    /// Lines of stderr containing one of these are copied to `filtered_stderr.log`.
+    pub stderr_filters: Vec<String>,
+    /// Workers inherit the terminal (torchrun's default) instead of having their lines prefixed.
+    pub raw: bool,
+    /// `TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE`, when set.
+    pub prefix_template: Option<String>,
+}
+
+/// A checked launch: what to run, how many times, and where its output goes.
+#[derive(Debug, Clone)]
+pub struct LaunchConfig {
+    /// Workers on this node.
+    pub local_world_size: u32,
+    /// How `--nproc-per-node` was resolved, for the log.
+    pub nproc_note: String,
+    /// `--role`.
+    pub role: String,
+    /// The run id (a fresh uuid for standalone runs).
+    pub run_id: String,
+    /// `--max-restarts`.
+    pub max_restarts: u32,
+    /// `MASTER_ADDR` for the workers.
+    pub master_addr: String,
+    /// `MASTER_PORT` for the workers; `None`: a free port, chosen per attempt.
+    pub master_port: Option<u16>,
+    /// The worker command: program then arguments, `${local_rank}` still unexpanded.
+    pub command: Vec<String>,
+    /// The script's name, for the failure report's title.
+    pub script_name: String,
+    /// Output routing.
+    pub output: OutputConfig,
+    /// `--log-dir`.
+    pub log_dir: Option<PathBuf>,
+    /// Signals forwarded to the workers.
+    pub signals: Vec<Signal>,
+    /// Grace between the stop signal and SIGKILL.
+    pub shutdown_timeout: Duration,
+    /// Exit with the root cause's code instead of 1.
+    pub propagate_exit_code: bool,
+    /// `--virtual-local-rank`.
+    pub virtual_local_rank: bool,
+    /// `OMP_NUM_THREADS` was unset and nproc > 1, so the launcher sets it to 1 (with a warning).
+    pub set_omp_num_threads: bool,
+    /// `TORCH_NCCL_ASYNC_ERROR_HANDLING`: inherited, or "1".
+    pub nccl_async_error_handling: String,
+}
+
+/// What the configuration reads from the launcher's environment (a seam for tests).
+pub trait Environment {
+    /// A variable's value.
+    fn var(&self, name: &str) -> Option<String>;
+    /// Finds an executable on `PATH`.
+    fn which(&self, program: &str) -> Option<PathBuf>;
+    /// The working directory.
+    fn cwd(&self) -> PathBuf;
+    /// This machine's GPUs and CPUs.
+    fn devices(&self) -> Devices;
+}
+
+/// The real process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnvironment;
+
+impl Environment for ProcessEnvironment {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+    fn which(&self, program: &str) -> Option<PathBuf> {
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path).map(|d| d.join(program)).find(|p| is_executable(p))
+    }
+    fn cwd(&self) -> PathBuf {
+        std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
+    }
+    fn devices(&self) -> Devices {
+        Devices::probe()
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+impl LaunchConfig {
+    /// Checks `args` and resolves every default.
+    ///
+    /// # Errors
+    /// The first [`ConfigError`] found.
+    pub fn from_args(flavor: Flavor, args: &Args, env: &dyn Environment) -> Result<Self, ConfigError> {
+        let (_, max_nodes) = parse_nnodes(&args.nnodes)?;
+        if max_nodes > 1 {
+            return Err(ConfigError::MultiNode(args.nnodes.clone()));
+        }
+        if args.node_rank >= max_nodes {
+            return Err(ConfigError::NodeRank { node_rank: args.node_rank, nnodes: max_nodes });
+        }
+        if !["static", "c10d", "etcd", "etcd-v2"].contains(&args.rdzv_backend.as_str()) {
+            return Err(ConfigError::Backend(args.rdzv_backend.clone()));
+        }
+        parse_rdzv_conf(&args.rdzv_conf)?;
+        let (local_world_size, nproc_note) = nproc::resolve(&args.nproc_per_node, || env.devices())?;
+
+        // torch 2.13 (run.py `run`): --standalone, and a single-node static launch given neither
+        // an endpoint nor a master port, get a local store on a free port and a fresh run id.
+        let standalone = args.standalone
+            || (args.rdzv_backend == "static" && args.rdzv_endpoint.is_empty() && args.master_port.is_none());
+        let (master_addr, master_port, run_id) = if standalone {
+            ("localhost".to_owned(), None, uuid::Uuid::new_v4().to_string())
+        } else if args.rdzv_backend == "static" {
+            let (addr, port) = if args.rdzv_endpoint.is_empty() {
+                (args.master_addr.clone(), args.master_port.unwrap_or(29500))
+            } else {
+                let (host, port) = parse_endpoint(&args.rdzv_endpoint)?;
+                (host, port.unwrap_or(29500))
+            };
+            (addr, Some(port), args.rdzv_id.clone())
+        } else {
+            parse_endpoint(&args.rdzv_endpoint)?;
+            let addr = args.local_addr.clone().unwrap_or_else(|| "localhost".to_owned());
+            (addr, None, args.rdzv_id.clone())
+        };
+
+        let (command, script_name) = build_command(flavor, args, env)?;
+        let output = OutputConfig {
+            redirects: StdSpec::parse("--redirects", &args.redirects)?,
+            tee: StdSpec::parse("--tee", &args.tee)?,
+            ranks_filter: parse_ranks_filter(&args.local_ranks_filter)?,
+            stdout_filters: comma_separated(&args.duplicate_stdout_filters),
+            stderr_filters: comma_separated(&args.duplicate_stderr_filters),
+            raw: args.raw_output,
+            prefix_template: env.var("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
+        };
+        let shutdown_timeout = match (args.shutdown_timeout, env.var("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")) {
+            (Some(secs), _) => seconds("--shutdown-timeout", &secs.to_string())?,
+            (None, Some(v)) => seconds("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", &v)?,
+            (None, None) => Duration::from_secs(30),
+        };
+        Ok(Self {
+            local_world_size,
+            nproc_note,
+            role: args.role.clone(),
+            run_id,
+            max_restarts: args.max_restarts,
+            master_addr,
+            master_port,
+            command,
+            script_name,
+            output,
+            log_dir: args.log_dir.clone(),
+            signals: parse_signals(&args.signals_to_handle)?,
+            shutdown_timeout,
+            propagate_exit_code: args.propagate_exit_code,
+            virtual_local_rank: args.virtual_local_rank,
+            set_omp_num_threads: env.var("OMP_NUM_THREADS").is_none() && local_world_size > 1,
+            nccl_async_error_handling: env
+                .var("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+                .unwrap_or_else(|| "1".to_owned()),
+        })
+    }
+}
+
+/// Parses `--nnodes`: `N` or `MIN:MAX`.
+///
+/// # Errors
+/// [`ConfigError::Nnodes`] unless `0 < MIN <= MAX`.
+pub fn parse_nnodes(value: &str) -> Result<(u32, u32), ConfigError> {
+    let bad = || ConfigError::Nnodes(value.to_owned());
+    let int = |s: &str| s.trim().parse::<u32>().map_err(|_| bad());
+    let (min, max) = match value.split(':').collect::<Vec<_>>().as_slice() {
+        [n] => (int(n)?, int(n)?),
+        [min, max] => (int(min)?, int(max)?),
+        _ => return Err(bad()),
+    };
+    if min == 0 || min > max {
+        return Err(bad());
+    }
+    Ok((min, max))
+}
+
+/// Parses `host[:port]`, `[v6]` or `[v6]:port` (torch's `parse_rendezvous_endpoint`).
+fn parse_endpoint(value: &str) -> Result<(String, Option<u16>), ConfigError> {
+    let bad = || ConfigError::Endpoint(value.to_owned());
+    let value_t = value.trim();
+    if value_t.is_empty() {
+        return Ok(("localhost".to_owned(), None));
+    }
+    let (host, port) = if let Some(rest) = value_t.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        match after {
+            "" => (host, None),
+            p => (host, Some(p.strip_prefix(':').ok_or_else(bad)?)),
+        }
+    } else {
+        match value_t.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, Some(p)),
+            Some(_) => return Err(bad()),
+            None => (value_t, None),
+        }
+    };
+    let host_ok = !host.is_empty()
+        && host.chars().all(|c| c.is_alphanumeric() || matches!(c, '_' | '.' | ':' | '-' | '%'));
+    if !host_ok {
+        return Err(bad());
+    }
+    let port = match port {
+        None => None,
+        Some(p) if (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(p.parse::<u16>().map_err(|_| bad())?)
+        }
+        Some(_) => return Err(bad()),
+    };
+    Ok((host.to_owned(), port))
+}
+
+fn parse_rdzv_conf(value: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    if value.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    value
+        .split(',')
+        .map(|item| match item.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() && !v.trim().is_empty() => {
+                Ok((k.trim().to_owned(), v.trim().to_owned()))
+            }
+            _ => Err(ConfigError::RdzvConf(value.to_owned())),
+        })
+        .collect()
+}
+
+fn parse_signals(value: &str) -> Result<Vec<Signal>, ConfigError> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|name| Signal::from_str(name).map_err(|_| ConfigError::Signal(name.to_owned())))
+        .collect()
+}
+
+fn seconds(flag: &str, value: &str) -> Result<Duration, ConfigError> {
+    let bad = || ConfigError::ShutdownTimeout(format!("{flag} {value:?}"));
+    let secs: f64 = value.trim().parse().map_err(|_| bad())?;
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
+}
+
+/// Splits on `,`, with `,,` standing for a literal comma (torchrun's `comma_separated_list`).
+fn comma_separated(value: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                current.push(',');
+            } else {
+                items.push(std::mem::take(&mut current));
+            }
+        } else {
+            current.push(c);
+        }
+    }
+    items.push(current);
+    items.into_iter().filter(|s| !s.is_empty()).collect()
+}
+
+/// The worker command line (torchrun's `config_from_args`), and the script's name.
+fn build_command(flavor: Flavor, args: &Args, env: &dyn Environment) -> Result<(Vec<String>, String), ConfigError> {
+    if args.module && args.no_python {
+        return Err(ConfigError::Conflict(
+            "-m/--module and --no-python exclude each other: -m runs a Python module, --no-python runs a program",
+        ));
+    }
+    if flavor == Flavor::LegacyLaunch && args.no_python && !args.use_env {
+        return Err(ConfigError::Conflict(
+            "ferrun launch --no-python needs --use-env: a program that is not Python cannot be handed --local-rank",
+        ));
+    }
+    let script = args.training_script().to_owned();
+    let mut command = Vec::new();
+    if args.run_path {
+        command.push(python(env)?);
+        command.extend(["-u".into(), "-c".into(), RUN_PATH_SHIM.into()]);
+        command.push(checked_script(&script, env)?);
+    } else if args.no_python {
+        let program = if script.contains('/') {
+            is_executable(&env.cwd().join(&script)).then(|| script.clone())
+        } else {
+            env.which(&script).map(|p| p.display().to_string())
+        };
+        command.push(program.ok_or_else(|| ConfigError::ProgramMissing {
+            what: "--no-python program",
+            name: script.clone(),
+            hint: "give a path to an executable file, or a program on PATH",
+        })?);
+    } else {
+        command.push(python(env)?);
+        command.push("-u".into());
+        if args.module {
+            command.extend(["-m".into(), script.clone()]);
+        } else {
+            command.push(checked_script(&script, env)?);
+        }
+    }
+    command.extend(args.training_script_args().iter().cloned());
+    if flavor == Flavor::LegacyLaunch && !args.use_env {
+        command.push(format!("--local-rank={}", crate::worker::LOCAL_RANK_MACRO));
+    }
+    Ok((command, script))
+}
+
+/// torchrun's `--run-path`: run the script with `runpy.run_path` as `__main__`.
+const RUN_PATH_SHIM: &str =
+    "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')";
+
+fn python(env: &dyn Environment) -> Result<String, ConfigError> {
+    if let Some(exec) = env.var("PYTHON_EXEC").filter(|s| !s.is_empty()) {
+        return Ok(exec);
+    }
+    ["python3", "python"]
+        .into_iter()
+        .find_map(|p| env.which(p))
+        .map(|p| p.display().to_string())
+        .ok_or_else(|| ConfigError::ProgramMissing {
+            what: "Python interpreter",
+            name: "python3".into(),
+            hint: "put python3 on PATH, set PYTHON_EXEC, or use --no-python for other programs",
+        })
+}
+
+fn checked_script(script: &str, env: &dyn Environment) -> Result<String, ConfigError> {
+    let cwd = env.cwd();
+    if cwd.join(script).is_file() {
+        Ok(script.to_owned())
+    } else {
+        Err(ConfigError::ScriptMissing { path: script.to_owned(), cwd: cwd.display().to_string() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct FakeEnv {
+        vars: HashMap<String, String>,
+        cwd: PathBuf,
+        gpus: u32,
+    }
+
+    impl Environment for FakeEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.vars.get(name).cloned()
+        }
+        fn which(&self, program: &str) -> Option<PathBuf> {
+            (program == "python3").then(|| PathBuf::from("/usr/bin/python3"))
+        }
+        fn cwd(&self) -> PathBuf {
+            self.cwd.clone()
+        }
+        fn devices(&self) -> Devices {
+            Devices { gpus: self.gpus, gpu_source: "fake".into(), cpus: 2 }
+        }
+    }
+
+    fn launch(argv: &[&str], vars: &[(&str, &str)]) -> Result<LaunchConfig, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("train.py"), "").expect("write");
+        let env = FakeEnv {
+            vars: vars.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            cwd: dir.path().to_path_buf(),
+            gpus: 0,
+        };
+        let mut full = vec!["ferrun"];
+        full.extend_from_slice(argv);
+        let (flavor, args) = crate::cli::parse(full).map_err(|e| panic!("{e}")).expect("parse");
+        LaunchConfig::from_args(flavor, &args, &env)
+    }
+
+    #[test]
+    fn builds_torchrun_command_lines() {
+        let c = launch(&["--nproc-per-node", "2", "train.py", "--lr", "${local_rank}"], &[]).expect("ok");
+        assert_eq!(c.command, ["/usr/bin/python3", "-u", "train.py", "--lr", "${local_rank}"]);
+        assert!(c.set_omp_num_threads);
+        let c = launch(&["-m", "pkg.main", "x"], &[("PYTHON_EXEC", "/opt/py")]).expect("ok");
+        assert_eq!(c.command, ["/opt/py", "-u", "-m", "pkg.main", "x"]);
+        assert!(!c.set_omp_num_threads);
+        let c = launch(&["launch", "train.py"], &[]).expect("ok");
+        assert_eq!(c.command.last().map(String::as_str), Some("--local-rank=${local_rank}"));
+        let c = launch(&["launch", "--use-env", "train.py"], &[]).expect("ok");
+        assert_eq!(c.command.last().map(String::as_str), Some("train.py"));
+    }
+
+    #[test]
+    fn single_node_runs_get_a_free_port_unless_one_is_given() {
+        let c = launch(&["train.py"], &[]).expect("ok");
+        assert_eq!((c.master_addr.as_str(), c.master_port), ("localhost", None));
+        assert_eq!(c.run_id.len(), 36, "a uuid: {}", c.run_id);
+        let c = launch(&["--master-port", "1234", "--rdzv-id", "r", "train.py"], &[]).expect("ok");
+        assert_eq!((c.master_addr.as_str(), c.master_port, c.run_id.as_str()), ("127.0.0.1", Some(1234), "r"));
+        let c = launch(&["--rdzv-endpoint", "[::1]:29555", "train.py"], &[]).expect("ok");
+        assert_eq!((c.master_addr.as_str(), c.master_port), ("::1", Some(29555)));
+    }
+
+    #[test]
+    fn rejects_bad_input_with_the_flag_named() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--nnodes", "3:2", "train.py"], "--nnodes \"3:2\" is not valid"),
+            (&["--nnodes", "1:2:3", "train.py"], "--nnodes"),
+            (&["--nnodes", "0", "train.py"], "--nnodes"),
+            (&["--nnodes", "2", "train.py"], "single-node jobs so far"),
+            (&["--node-rank", "1", "train.py"], "--node-rank 1 is out of range"),
+            (&["--nproc-per-node", "gpu", "train.py"], "no GPU found"),
+            (&["--nproc-per-node", "x", "train.py"], "--nproc-per-node \"x\""),
+            (&["--rdzv-backend", "zk", "train.py"], "--rdzv-backend \"zk\""),
+            (&["--rdzv-endpoint", "h:99999", "train.py"], "--rdzv-endpoint"),
+            (&["--rdzv-conf", "a=1,b", "train.py"], "--rdzv-conf"),
+            (&["--signals-to-handle", "SIGTERM,SIGNOPE", "train.py"], "SIGNOPE"),
+            (&["--shutdown-timeout", "-1", "train.py"], "--shutdown-timeout"),
+            (&["-t", "5", "train.py"], "--tee"),
+            (&["-m", "--no-python", "x"], "exclude each other"),
+            (&["missing.py"], "training script \"missing.py\" does not exist"),
+            (&["--no-python", "no-such-program-xyz"], "was not found"),
+        ];
+        for (argv, expected) in cases {
+            let err = launch(argv, &[]).expect_err("must fail").to_string();
+            assert!(err.contains(expected), "{argv:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn shutdown_timeout_comes_from_flag_then_torch_env_then_30s() {
+        let c = launch(&["train.py"], &[("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "5")]).expect("ok");
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
+        let c = launch(&["--shutdown-timeout", "0.5", "train.py"], &[("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "5")])
+            .expect("ok");
+        assert_eq!(c.shutdown_timeout, Duration::from_millis(500));
+        assert_eq!(launch(&["train.py"], &[]).expect("ok").shutdown_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn endpoints_and_filters_parse_like_torch() {
+        assert_eq!(parse_endpoint("node1:29400").expect("ok"), ("node1".into(), Some(29400)));
+        assert_eq!(parse_endpoint("[fe80::1%eth0]").expect("ok"), ("fe80::1%eth0".into(), None));
+        assert!(parse_endpoint("a b:1").is_err());
+        assert_eq!(comma_separated("apple,or,,ange,"), ["apple", "or,ange"]);
+        assert_eq!(parse_nnodes("2").expect("ok"), (2, 2));
+        assert_eq!(parse_nnodes("1:4").expect("ok"), (1, 4));
+    }
+}

@@ -1,0 +1,229 @@
+//! The local worker group: start every worker of an attempt, learn of each exit as it happens,
+//! and stop the group.
+//!
+//! Exits are events: one task per worker awaits the child (tokio reaps on SIGCHLD) and sends
+//! `(index, exit)` on a channel, so a failure is seen the moment the kernel reports it.
+//!
+//! # Stopping
+//! [`WorkerGroup::stop`] sends one signal to every worker's process group, waits up to the grace
+//! period for the workers to exit, then sends SIGKILL to the process groups and waits for them.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::LaunchConfig;
+use crate::logs::worker_files;
+use crate::output::{self, Console, Duplicate, Sink};
+use crate::worker::{self, Piped, Placement};
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+impl Exit {
+    /// Exited with code 0.
+    pub fn is_success(self) -> bool {
+        self == Self::Code(0)
+    }
+
+    fn from_status(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => Self::Code(code),
+            (None, Some(sig)) => Self::Signal(sig),
+            (None, None) => Self::Code(-1),
+        }
+    }
+}
+
+/// One worker of an attempt, as the group sees it.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    /// Rank within the node.
+    pub local_rank: u32,
+    /// Global rank.
+    pub rank: u32,
+    /// Process id (and process group id).
+    pub pid: u32,
+    /// When it was started.
+    pub started: Instant,
+    /// Its `TORCHELASTIC_ERROR_FILE`.
+    pub error_file: PathBuf,
+    /// How and when it ended, once it has.
+    pub exit: Option<(Exit, Instant, SystemTime)>,
+}
+
+/// The workers of one attempt.
+#[derive(Debug)]
+pub struct WorkerGroup {
+    workers: Vec<Worker>,
+    exits: mpsc::UnboundedReceiver<(usize, Exit, Instant, SystemTime)>,
+    forwarders: Vec<JoinHandle<()>>,
+}
+
+impl WorkerGroup {
+    /// Starts `local_world_size` workers for attempt `restart_count` in `attempt_dir`.
+    ///
+    /// # Errors
+    /// A worker cannot be started; those already started are killed before returning.
+    pub fn start(config: &LaunchConfig, restart_count: u32, master_port: u16, attempt_dir: &Path) -> io::Result<Self> {
+        let (tx, exits) = mpsc::unbounded_channel();
+        let mut group = Self { workers: Vec::new(), exits, forwarders: Vec::new() };
+        let duplicates = [
+            duplicate_file(attempt_dir, "filtered_stdout.log", &config.output.stdout_filters)?,
+            duplicate_file(attempt_dir, "filtered_stderr.log", &config.output.stderr_filters)?,
+        ];
+        for local_rank in 0..config.local_world_size {
+            if let Err(e) = group.start_one(config, Placement { local_rank, restart_count, master_port }, attempt_dir, &duplicates, &tx) {
+                group.kill_all();
+                return Err(e);
+            }
+        }
+        Ok(group)
+    }
+
+    fn start_one(
+        &mut self,
+        config: &LaunchConfig,
+        at: Placement,
+        attempt_dir: &Path,
+        duplicates: &[Option<Duplicate>; 2],
+        tx: &mpsc::UnboundedSender<(usize, Exit, Instant, SystemTime)>,
+    ) -> io::Result<()> {
+        let [stdout_log, stderr_log, error_file] = worker_files(attempt_dir, at.local_rank);
+        let env = worker::worker_env(config, at, &error_file);
+        let out = &config.output;
+        let redirect = out.redirects.for_rank(at.local_rank);
+        let tee = out.tee.for_rank(at.local_rank);
+        let shown = out.ranks_filter.as_ref().is_none_or(|f| f.contains(&at.local_rank));
+        let prefix = output::prefix(out.prefix_template.as_deref(), &config.role, env.rank, at.local_rank);
+        // Per stream: (to file, to console, piped through the launcher).
+        let route = |to_file: bool, redirected: bool, dup: &Option<Duplicate>| {
+            let console = shown && !redirected;
+            let piped = to_file || dup.is_some() || !shown || (console && !out.raw);
+            (to_file, console, piped)
+        };
+        let streams = [
+            route(redirect.stdout || tee.stdout, redirect.stdout, &duplicates[0]),
+            route(redirect.stderr || tee.stderr, redirect.stderr, &duplicates[1]),
+        ];
+        let mut child = worker::spawn(config, &env, Piped { stdout: streams[0].2, stderr: streams[1].2 })?;
+        let pid = child.id().unwrap_or(0);
+        let sink = |(to_file, console, _): (bool, bool, bool), kind: Console, log: &Path, dup: &Option<Duplicate>| {
+            Ok::<_, io::Error>(Sink {
+                console: console.then(|| (kind, prefix.clone())),
+                file: if to_file { Some(File::create(log)?) } else { None },
+                duplicate: dup.clone(),
+                prefix: prefix.clone(),
+            })
+        };
+        if let Some(stdout) = child.stdout.take() {
+            let sink = sink(streams[0], Console::Stdout, &stdout_log, &duplicates[0])?;
+            self.forwarders.push(tokio::spawn(output::forward(stdout, sink)));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            let sink = sink(streams[1], Console::Stderr, &stderr_log, &duplicates[1])?;
+            self.forwarders.push(tokio::spawn(output::forward(stderr, sink)));
+        }
+        let index = self.workers.len();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let exit = match child.wait().await {
+                Ok(status) => Exit::from_status(status),
+                Err(_) => Exit::Code(-1),
+            };
+            let _ = tx.send((index, exit, Instant::now(), SystemTime::now()));
+        });
+        self.workers.push(Worker { local_rank: at.local_rank, rank: env.rank, pid, started: Instant::now(), error_file, exit: None });
+        Ok(())
+    }
+
+    /// The workers, with the exits seen so far.
+    pub fn workers(&self) -> &[Worker] {
+        &self.workers
+    }
+
+    /// Waits for the next worker to exit; `None` once every worker has exited.
+    pub async fn next_exit(&mut self) -> Option<&Worker> {
+        if self.workers.iter().all(|w| w.exit.is_some()) {
+            return None;
+        }
+        let (index, exit, at, wall) = self.exits.recv().await?;
+        self.workers[index].exit = Some((exit, at, wall));
+        Some(&self.workers[index])
+    }
+
+    /// Stops the group: `signal` to every process group, then SIGKILL after `grace`, or as soon
+    /// as `escalate` yields (a second signal to the launcher). Returns the signal that escalated.
+    pub async fn stop(
+        &mut self,
+        signal: Signal,
+        grace: Duration,
+        escalate: &mut mpsc::UnboundedReceiver<Signal>,
+    ) -> Option<Signal> {
+        self.signal_all(signal);
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut escalated = None;
+        loop {
+            tokio::select! {
+                exit = self.next_exit() => if exit.is_none() { break },
+                () = tokio::time::sleep_until(deadline) => break,
+                Some(sig) = escalate.recv(), if escalated.is_none() => {
+                    tracing::warn!("{sig} received while stopping the workers: killing them now");
+                    escalated = Some(sig);
+                    break;
+                }
+            }
+        }
+        self.kill_all();
+        while self.next_exit().await.is_some() {}
+        escalated
+    }
+
+    /// Waits (bounded) for the output of every worker to be passed on.
+    pub async fn drain_output(&mut self, bound: Duration) {
+        let forwarders = std::mem::take(&mut self.forwarders);
+        let all = async {
+            for f in forwarders {
+                let _ = f.await;
+            }
+        };
+        if tokio::time::timeout(bound, all).await.is_err() {
+            tracing::warn!("worker output still open after the workers exited (a child process holds it); not waiting for it");
+        }
+    }
+
+    fn signal_all(&self, signal: Signal) {
+        // Process groups of exited workers too: their children may still run.
+        for w in &self.workers {
+            if w.pid != 0 {
+                let _ = killpg(Pid::from_raw(w.pid as i32), signal);
+            }
+        }
+    }
+
+    fn kill_all(&self) {
+        self.signal_all(Signal::SIGKILL);
+    }
+}
+
+fn duplicate_file(attempt_dir: &Path, name: &str, patterns: &[String]) -> io::Result<Option<Duplicate>> {
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    let file = File::create(attempt_dir.join(name))?;
+    Ok(Some(Duplicate { patterns: Arc::new(patterns.to_vec()), file: Arc::new(Mutex::new(file)) }))
+}

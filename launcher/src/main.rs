@@ -1,0 +1,106 @@
+//! The `ferrun` binary: parse, check, run, report.
+//!
+//! Exit codes: 0 success; 1 worker failure, launcher error or signal (as torchrun), or with
+//! `--propagate-exit-code` the root-cause worker's code (128+N for signal N); 2 bad usage.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use ferrun_launcher::agent::{self, Outcome};
+use ferrun_launcher::cli;
+use ferrun_launcher::config::{LaunchConfig, ProcessEnvironment};
+use ferrun_launcher::{error_file, report};
+
+/// Exit code for a command line or configuration that cannot work (argparse's code).
+const USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let (flavor, args) = match cli::parse(std::env::args_os()) {
+        Ok(parsed) => parsed,
+        Err(e) => e.exit(),
+    };
+    init_tracing();
+    let config = match LaunchConfig::from_args(flavor, &args, &ProcessEnvironment) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("ferrun: error: {e}");
+            return ExitCode::from(USAGE);
+        }
+    };
+    match run(&config) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("ferrun: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(config: &LaunchConfig) -> anyhow::Result<u8> {
+    if config.set_omp_num_threads {
+        tracing::warn!(
+            "\n*****************************************\n\
+             Setting OMP_NUM_THREADS environment variable for each process to be 1 in default, to avoid your \
+             system being overloaded, please further tune the variable for optimal performance in your application as needed.\n\
+             *****************************************"
+        );
+    }
+    tracing::info!(
+        "starting {} worker(s) [nproc-per-node {}], run id {}",
+        config.local_world_size,
+        config.nproc_note,
+        config.run_id
+    );
+    // Workers are spawned from this (the main) thread: PR_SET_PDEATHSIG follows the spawning thread.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let started = std::time::Instant::now();
+    let result = runtime.block_on(agent::run(config))?;
+    let host = nix::unistd::gethostname().map_or_else(|_| "localhost".into(), |h| h.to_string_lossy().into_owned());
+    eprint!("{}", report::summary_table(&result.rows, started.elapsed()));
+    eprintln!("logs: {}", result.log_dir.display());
+    Ok(match result.outcome {
+        Outcome::Succeeded => 0,
+        Outcome::Failed(failures) => {
+            eprint!("{}", report::failure_report(&config.script_name, &host, &failures));
+            let root = report::root_cause(&failures).context("a failed run has a root cause")?;
+            if let Ok(target) = std::env::var("TORCHELASTIC_ERROR_FILE") {
+                let message = format!("{} failed: rank {} exited with {}", config.script_name, root.rank, root.shell_code());
+                if let Err(e) = error_file::write_for_scheduler(target.as_ref(), root.error_file.as_deref(), &message, root.shell_code()) {
+                    tracing::warn!("cannot write the launcher's error file {target}: {e}");
+                }
+            }
+            if config.propagate_exit_code {
+                u8::try_from(root.shell_code()).unwrap_or(1).max(1)
+            } else {
+                1
+            }
+        }
+        Outcome::Signaled(sig) => {
+            eprintln!("ferrun: stopped by {sig}");
+            if config.propagate_exit_code {
+                128 + sig as u8
+            } else {
+                1
+            }
+        }
+    })
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    // torchrun reads LOGLEVEL; RUST_LOG works too.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .or_else(|| std::env::var("LOGLEVEL").ok().map(|l| l.to_lowercase().replace("warning", "warn")))
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_timer(tracing_subscriber::fmt::time::ChronoLocal::new("%H:%M:%S%.3f".into()))
+        .init();
+}

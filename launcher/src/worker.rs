@@ -1,0 +1,115 @@
+//! Starting one worker process: its environment, its command line, and its binding to the
+//! launcher's life.
+//!
+//! # Guarantees
+//! - Each worker leads its own process group, so a stop signal reaches its children too.
+//! - Each worker gets `PR_SET_PDEATHSIG(SIGKILL)`: if the launcher dies, even by SIGKILL, the
+//!   kernel kills the worker. The launcher must spawn from a thread that lives as long as it does
+//!   (the death signal follows the spawning *thread*): ferrun spawns from its main thread.
+
+use std::io;
+use std::path::Path;
+use std::process::Stdio;
+
+use ferrun_collective::WorkerEnv;
+use tokio::process::{Child, Command};
+
+use crate::config::LaunchConfig;
+
+/// Replaced by the worker's local rank in the script's arguments (torchrun's macro).
+pub const LOCAL_RANK_MACRO: &str = "${local_rank}";
+
+/// Where one worker sits in the job.
+#[derive(Debug, Clone, Copy)]
+pub struct Placement {
+    /// Rank within this node.
+    pub local_rank: u32,
+    /// Restarts so far.
+    pub restart_count: u32,
+    /// `MASTER_PORT` of this attempt.
+    pub master_port: u16,
+}
+
+/// The contract for one worker of a single-node job.
+pub fn worker_env(config: &LaunchConfig, at: Placement, error_file: &Path) -> WorkerEnv {
+    WorkerEnv {
+        rank: at.local_rank,
+        local_rank: at.local_rank,
+        world_size: config.local_world_size,
+        local_world_size: config.local_world_size,
+        group_rank: 0,
+        group_world_size: 1,
+        role_name: config.role.clone(),
+        role_rank: at.local_rank,
+        role_world_size: config.local_world_size,
+        master_addr: config.master_addr.clone(),
+        master_port: at.master_port,
+        restart_count: at.restart_count,
+        max_restarts: config.max_restarts,
+        run_id: config.run_id.clone(),
+        // The rank-0 worker hosts the store on MASTER_PORT until the agent store exists.
+        use_agent_store: false,
+        error_file: error_file.to_path_buf(),
+        nccl_async_error_handling: config.nccl_async_error_handling.clone(),
+        omp_num_threads: config.set_omp_num_threads.then_some(1),
+    }
+}
+
+/// Which of the worker's streams the launcher reads (the others are inherited).
+#[derive(Debug, Clone, Copy)]
+pub struct Piped {
+    /// stdout is piped to the launcher.
+    pub stdout: bool,
+    /// stderr is piped to the launcher.
+    pub stderr: bool,
+}
+
+/// Starts one worker.
+///
+/// # Errors
+/// The program cannot be started (not found, not executable).
+pub fn spawn(config: &LaunchConfig, env: &WorkerEnv, piped: Piped) -> io::Result<Child> {
+    let local_rank = env.local_rank.to_string();
+    let mut args = config.command.iter().map(|a| a.replace(LOCAL_RANK_MACRO, &local_rank));
+    let program = args.next().ok_or_else(|| io::Error::other("empty worker command"))?;
+    let mut command = Command::new(&program);
+    command.args(args).envs(env.to_env());
+    if config.virtual_local_rank {
+        command.env("LOCAL_RANK", "0").env("CUDA_VISIBLE_DEVICES", visible_device(env.local_rank));
+    }
+    let stdio = |pipe: bool| if pipe { Stdio::piped() } else { Stdio::inherit() };
+    command.stdout(stdio(piped.stdout)).stderr(stdio(piped.stderr)).stdin(Stdio::inherit());
+    command.process_group(0);
+    bind_to_launcher(&mut command);
+    command.spawn().map_err(|e| io::Error::new(e.kind(), format!("cannot start {program:?}: {e}")))
+}
+
+/// torchrun's `--virtual-local-rank`: the worker sees only its own GPU, as device 0.
+fn visible_device(local_rank: u32) -> String {
+    match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(list) => list
+            .split(',')
+            .nth(local_rank as usize)
+            .map_or_else(|| local_rank.to_string(), |d| d.trim().to_owned()),
+        Err(_) => local_rank.to_string(),
+    }
+}
+
+#[allow(unsafe_code)]
+fn bind_to_launcher(command: &mut Command) {
+    let launcher = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
+    // system calls (prctl, getppid, _exit).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The launcher may have died between fork and prctl: then nobody would kill us.
+            if libc::getppid() != launcher {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
