@@ -170,9 +170,15 @@ impl WorkerEnv {
             (vars::RESTART_COUNT, self.restart_count.to_string()),
             (vars::MAX_RESTARTS, self.max_restarts.to_string()),
             (vars::RUN_ID, self.run_id.clone()),
-            (vars::USE_AGENT_STORE, python_bool(self.use_agent_store).to_owned()),
+            (
+                vars::USE_AGENT_STORE,
+                python_bool(self.use_agent_store).to_owned(),
+            ),
             (vars::ERROR_FILE, self.error_file.display().to_string()),
-            (vars::NCCL_ASYNC_ERROR_HANDLING, self.nccl_async_error_handling.clone()),
+            (
+                vars::NCCL_ASYNC_ERROR_HANDLING,
+                self.nccl_async_error_handling.clone(),
+            ),
         ];
         if let Some(n) = self.omp_num_threads {
             env.push((vars::OMP_NUM_THREADS, n.to_string()));
@@ -253,13 +259,33 @@ impl WorkerEnv {
     fn check_consistent(&self) -> Result<(), EnvError> {
         let pairs = [
             (vars::RANK, self.rank, vars::WORLD_SIZE, self.world_size),
-            (vars::LOCAL_RANK, self.local_rank, vars::LOCAL_WORLD_SIZE, self.local_world_size),
-            (vars::GROUP_RANK, self.group_rank, vars::GROUP_WORLD_SIZE, self.group_world_size),
-            (vars::ROLE_RANK, self.role_rank, vars::ROLE_WORLD_SIZE, self.role_world_size),
+            (
+                vars::LOCAL_RANK,
+                self.local_rank,
+                vars::LOCAL_WORLD_SIZE,
+                self.local_world_size,
+            ),
+            (
+                vars::GROUP_RANK,
+                self.group_rank,
+                vars::GROUP_WORLD_SIZE,
+                self.group_world_size,
+            ),
+            (
+                vars::ROLE_RANK,
+                self.role_rank,
+                vars::ROLE_WORLD_SIZE,
+                self.role_world_size,
+            ),
         ];
         for (name, value, bound_name, bound) in pairs {
             if value >= bound {
-                return Err(EnvError::Inconsistent { name, value, bound_name, bound });
+                return Err(EnvError::Inconsistent {
+                    name,
+                    value,
+                    bound_name,
+                    bound,
+                });
             }
         }
         Ok(())
@@ -285,7 +311,11 @@ fn parse_python_bool(value: &str) -> Option<bool> {
 
 fn non_empty(name: &'static str, value: String) -> Result<String, EnvError> {
     if value.trim().is_empty() {
-        Err(EnvError::Malformed { name, value, expected: "a non-empty value" })
+        Err(EnvError::Malformed {
+            name,
+            value,
+            expected: "a non-empty value",
+        })
     } else {
         Ok(value)
     }
@@ -320,7 +350,10 @@ mod tests {
     }
 
     fn as_map(env: &WorkerEnv) -> HashMap<String, String> {
-        env.to_env().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+        env.to_env()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect()
     }
 
     #[test]
@@ -354,7 +387,12 @@ mod tests {
         let mut map = as_map(&sample());
         map.remove(vars::LOCAL_WORLD_SIZE);
         let err = WorkerEnv::from_lookup(|k| map.get(k).cloned()).unwrap_err();
-        assert_eq!(err, EnvError::Missing { name: vars::LOCAL_WORLD_SIZE });
+        assert_eq!(
+            err,
+            EnvError::Missing {
+                name: vars::LOCAL_WORLD_SIZE
+            }
+        );
         assert!(err.to_string().contains("LOCAL_WORLD_SIZE is not set"));
     }
 
@@ -371,7 +409,10 @@ mod tests {
             map.insert(name.to_owned(), bad.to_owned());
             let err = WorkerEnv::from_lookup(|k| map.get(k).cloned()).unwrap_err();
             let message = err.to_string();
-            assert!(matches!(err, EnvError::Malformed { name: n, .. } if n == name), "{message}");
+            assert!(
+                matches!(err, EnvError::Malformed { name: n, .. } if n == name),
+                "{message}"
+            );
             assert!(message.contains(name) && message.contains(bad), "{message}");
         }
     }

@@ -79,17 +79,25 @@ enum Event {
 /// [`AgentError`] when the workers cannot be started at all; worker failures are an
 /// [`Outcome`], not an error.
 pub async fn run(config: &LaunchConfig) -> Result<RunResult, AgentError> {
-    let layout = LogLayout::create(config.log_dir.as_deref(), &config.run_id).map_err(AgentError::Logs)?;
+    let layout =
+        LogLayout::create(config.log_dir.as_deref(), &config.run_id).map_err(AgentError::Logs)?;
     let mut signals = listen(&config.signals)?;
     let mut restart_count = 0;
     loop {
-        let attempt_dir = layout.prepare_attempt(restart_count, config.local_world_size).map_err(AgentError::Logs)?;
+        let attempt_dir = layout
+            .prepare_attempt(restart_count, config.local_world_size)
+            .map_err(AgentError::Logs)?;
         let port = match config.master_port {
             Some(p) => p,
             None => free_port().map_err(AgentError::Port)?,
         };
-        let mut group = WorkerGroup::start(config, restart_count, port, &attempt_dir).map_err(AgentError::Spawn)?;
-        tracing::debug!(attempt = restart_count, master_port = port, "workers started");
+        let mut group = WorkerGroup::start(config, restart_count, port, &attempt_dir)
+            .map_err(AgentError::Spawn)?;
+        tracing::debug!(
+            attempt = restart_count,
+            master_port = port,
+            "workers started"
+        );
         let mut exit_order = Vec::new();
         let event = loop {
             tokio::select! {
@@ -108,7 +116,11 @@ pub async fn run(config: &LaunchConfig) -> Result<RunResult, AgentError> {
         let stop_started = Instant::now();
         let escalated = match event {
             Event::AllSucceeded => None,
-            Event::Failed => group.stop(Signal::SIGTERM, config.shutdown_timeout, &mut signals).await,
+            Event::Failed => {
+                group
+                    .stop(Signal::SIGTERM, config.shutdown_timeout, &mut signals)
+                    .await
+            }
             Event::Signal(sig) => {
                 tracing::warn!("received {sig}: forwarding it to the workers");
                 group.stop(sig, config.shutdown_timeout, &mut signals).await;
@@ -118,7 +130,12 @@ pub async fn run(config: &LaunchConfig) -> Result<RunResult, AgentError> {
         group.drain_output(OUTPUT_DRAIN_BOUND).await;
         let failures = failures_before(&group, &exit_order, stop_started);
         let rows = summary_rows(&group, stop_started, restart_count);
-        let result = |outcome| RunResult { outcome, rows, restarts: restart_count, log_dir: layout.run_dir().to_path_buf() };
+        let result = |outcome| RunResult {
+            outcome,
+            rows,
+            restarts: restart_count,
+            log_dir: layout.run_dir().to_path_buf(),
+        };
         if let Some(sig) = escalated {
             return Ok(result(Outcome::Signaled(sig)));
         }
@@ -156,7 +173,10 @@ fn failures_before(group: &WorkerGroup, exit_order: &[u32], stop_started: Instan
         .iter()
         .filter(|w| w.exit.is_some_and(|(_, at, _)| at <= stop_started))
         .filter_map(|w| {
-            let seen = exit_order.iter().position(|&r| r == w.local_rank).unwrap_or(usize::MAX);
+            let seen = exit_order
+                .iter()
+                .position(|&r| r == w.local_rank)
+                .unwrap_or(usize::MAX);
             Failure::of(w, seen)
         })
         .collect()
@@ -170,8 +190,14 @@ fn summary_rows(group: &WorkerGroup, stop_started: Instant, restarts: u32) -> Ve
             rank: w.rank,
             local_rank: w.local_rank,
             pid: w.pid,
-            outcome: report::outcome_text(w.exit.map(|e| e.0), w.exit.is_some_and(|(_, at, _)| at > stop_started)),
-            duration: w.exit.map_or_else(|| w.started.elapsed(), |(_, at, _)| at.duration_since(w.started)),
+            outcome: report::outcome_text(
+                w.exit.map(|e| e.0),
+                w.exit.is_some_and(|(_, at, _)| at > stop_started),
+            ),
+            duration: w.exit.map_or_else(
+                || w.started.elapsed(),
+                |(_, at, _)| at.duration_since(w.started),
+            ),
             restarts,
         })
         .collect()
@@ -186,7 +212,8 @@ fn free_port() -> io::Result<u16> {
 fn listen(signals: &[Signal]) -> Result<mpsc::UnboundedReceiver<Signal>, AgentError> {
     let (tx, rx) = mpsc::unbounded_channel();
     for &sig in signals {
-        let mut stream = signal(SignalKind::from_raw(sig as i32)).map_err(|e| AgentError::Signal(sig, e))?;
+        let mut stream =
+            signal(SignalKind::from_raw(sig as i32)).map_err(|e| AgentError::Signal(sig, e))?;
         let tx = tx.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() {

@@ -11,6 +11,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use clap::builder::FalseyValueParser;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 /// How the launcher was invoked.
@@ -39,35 +40,70 @@ pub struct Args {
     pub nnodes: String,
 
     /// Number of workers per node: an integer, cpu, gpu or auto.
-    #[arg(long = "nproc-per-node", alias = "nproc_per_node", env = "PET_NPROC_PER_NODE", default_value = "1")]
+    #[arg(
+        long = "nproc-per-node",
+        alias = "nproc_per_node",
+        env = "PET_NPROC_PER_NODE",
+        default_value = "1"
+    )]
     pub nproc_per_node: String,
 
     /// Rendezvous backend: static, c10d, etcd or etcd-v2.
-    #[arg(long = "rdzv-backend", alias = "rdzv_backend", env = "PET_RDZV_BACKEND", default_value = "static")]
+    #[arg(
+        long = "rdzv-backend",
+        alias = "rdzv_backend",
+        env = "PET_RDZV_BACKEND",
+        default_value = "static"
+    )]
     pub rdzv_backend: String,
 
     /// Rendezvous backend endpoint, usually in form <host>:<port>.
-    #[arg(long = "rdzv-endpoint", alias = "rdzv_endpoint", env = "PET_RDZV_ENDPOINT", default_value = "")]
+    #[arg(
+        long = "rdzv-endpoint",
+        alias = "rdzv_endpoint",
+        env = "PET_RDZV_ENDPOINT",
+        default_value = ""
+    )]
     pub rdzv_endpoint: String,
 
     /// User-defined group id (the run id).
-    #[arg(long = "rdzv-id", alias = "rdzv_id", env = "PET_RDZV_ID", default_value = "none")]
+    #[arg(
+        long = "rdzv-id",
+        alias = "rdzv_id",
+        env = "PET_RDZV_ID",
+        default_value = "none"
+    )]
     pub rdzv_id: String,
 
     /// Additional rendezvous configuration (<key1>=<value1>,<key2>=<value2>,...).
-    #[arg(long = "rdzv-conf", alias = "rdzv_conf", env = "PET_RDZV_CONF", default_value = "")]
+    #[arg(
+        long = "rdzv-conf",
+        alias = "rdzv_conf",
+        env = "PET_RDZV_CONF",
+        default_value = ""
+    )]
     pub rdzv_conf: String,
 
     /// Single-node job on a free port with a fresh run id; ignores the rdzv flags.
-    #[arg(long, env = "PET_STANDALONE", action = ArgAction::SetTrue)]
+    #[arg(long, env = "PET_STANDALONE", action = ArgAction::SetTrue, value_parser = FalseyValueParser::new())]
     pub standalone: bool,
 
     /// Maximum number of worker group restarts before failing.
-    #[arg(long = "max-restarts", alias = "max_restarts", env = "PET_MAX_RESTARTS", default_value_t = 0)]
+    #[arg(
+        long = "max-restarts",
+        alias = "max_restarts",
+        env = "PET_MAX_RESTARTS",
+        default_value_t = 0
+    )]
     pub max_restarts: u32,
 
     /// Accepted for compatibility: ferrun reacts to worker exits as they happen, it does not poll.
-    #[arg(long = "monitor-interval", alias = "monitor_interval", env = "PET_MONITOR_INTERVAL", default_value_t = 0.1)]
+    #[arg(
+        long = "monitor-interval",
+        alias = "monitor_interval",
+        env = "PET_MONITOR_INTERVAL",
+        default_value_t = 0.1
+    )]
     pub monitor_interval: f64,
 
     /// Accepted for compatibility (only matters for function entrypoints).
@@ -76,7 +112,12 @@ pub struct Args {
     pub start_method: String,
 
     /// Accepted for compatibility: name of a torchelastic event handler.
-    #[arg(long = "event-log-handler", alias = "event_log_handler", env = "PET_EVENT_LOG_HANDLER", default_value = "null")]
+    #[arg(
+        long = "event-log-handler",
+        alias = "event_log_handler",
+        env = "PET_EVENT_LOG_HANDLER",
+        default_value = "null"
+    )]
     pub event_log_handler: String,
 
     /// User-defined role for the workers.
@@ -84,15 +125,15 @@ pub struct Args {
     pub role: String,
 
     /// Run the training script as a Python module (python -m).
-    #[arg(short = 'm', long, env = "PET_MODULE", action = ArgAction::SetTrue)]
+    #[arg(short = 'm', long, env = "PET_MODULE", action = ArgAction::SetTrue, value_parser = FalseyValueParser::new())]
     pub module: bool,
 
     /// Run the training script directly instead of through Python.
-    #[arg(long = "no-python", alias = "no_python", env = "PET_NO_PYTHON", action = ArgAction::SetTrue)]
+    #[arg(long = "no-python", alias = "no_python", env = "PET_NO_PYTHON", action = ArgAction::SetTrue, value_parser = FalseyValueParser::new())]
     pub no_python: bool,
 
     /// Run the training script with runpy.run_path in the same interpreter.
-    #[arg(long = "run-path", alias = "run_path", env = "PET_RUN_PATH", action = ArgAction::SetTrue)]
+    #[arg(long = "run-path", alias = "run_path", env = "PET_RUN_PATH", action = ArgAction::SetTrue, value_parser = FalseyValueParser::new())]
     pub run_path: bool,
 
     /// Base directory for log files (a fresh temporary directory when not given).
@@ -108,15 +149,30 @@ pub struct Args {
     pub tee: String,
 
     /// Only show the console output of these local ranks, e.g. 0,2 (log files keep everything).
-    #[arg(long = "local-ranks-filter", alias = "local_ranks_filter", env = "PET_LOCAL_RANKS_FILTER", default_value = "")]
+    #[arg(
+        long = "local-ranks-filter",
+        alias = "local_ranks_filter",
+        env = "PET_LOCAL_RANKS_FILTER",
+        default_value = ""
+    )]
     pub local_ranks_filter: String,
 
     /// Rank of this node (static rendezvous).
-    #[arg(long = "node-rank", alias = "node_rank", env = "PET_NODE_RANK", default_value_t = 0)]
+    #[arg(
+        long = "node-rank",
+        alias = "node_rank",
+        env = "PET_NODE_RANK",
+        default_value_t = 0
+    )]
     pub node_rank: u32,
 
     /// Address of the master node (static rendezvous); IPv6 as [::1].
-    #[arg(long = "master-addr", alias = "master_addr", env = "PET_MASTER_ADDR", default_value = "127.0.0.1")]
+    #[arg(
+        long = "master-addr",
+        alias = "master_addr",
+        env = "PET_MASTER_ADDR",
+        default_value = "127.0.0.1"
+    )]
     pub master_addr: String,
 
     /// Port of the master node (static rendezvous; 29500 when given no port on several nodes).
@@ -136,43 +192,59 @@ pub struct Args {
     pub numa_binding: Option<String>,
 
     /// Signals forwarded to the workers, comma separated.
-    #[arg(long = "signals-to-handle", alias = "signals_to_handle", env = "PET_SIGNALS_TO_HANDLE",
-          default_value = "SIGTERM,SIGINT,SIGHUP,SIGQUIT")]
+    #[arg(
+        long = "signals-to-handle",
+        alias = "signals_to_handle",
+        env = "PET_SIGNALS_TO_HANDLE",
+        default_value = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+    )]
     pub signals_to_handle: String,
 
     /// Seconds a stopping worker gets between the stop signal and SIGKILL
     /// (default: TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 30).
-    #[arg(long = "shutdown-timeout", alias = "shutdown_timeout", env = "PET_SHUTDOWN_TIMEOUT",
-          allow_negative_numbers = true)]
+    #[arg(
+        long = "shutdown-timeout",
+        alias = "shutdown_timeout",
+        env = "PET_SHUTDOWN_TIMEOUT",
+        allow_negative_numbers = true
+    )]
     pub shutdown_timeout: Option<f64>,
 
     /// Copy console lines containing any of these comma-separated strings to
     /// attempt_<n>/filtered_stdout.log (",," escapes a comma).
-    #[arg(long = "duplicate-stdout-filters", alias = "duplicate_stdout_filters", env = "PET_DUPLICATE_STDOUT_FILTERS",
-          default_value = "")]
+    #[arg(
+        long = "duplicate-stdout-filters",
+        alias = "duplicate_stdout_filters",
+        env = "PET_DUPLICATE_STDOUT_FILTERS",
+        default_value = ""
+    )]
     pub duplicate_stdout_filters: String,
 
     /// As --duplicate-stdout-filters, for stderr (attempt_<n>/filtered_stderr.log).
-    #[arg(long = "duplicate-stderr-filters", alias = "duplicate_stderr_filters", env = "PET_DUPLICATE_STDERR_FILTERS",
-          default_value = "")]
+    #[arg(
+        long = "duplicate-stderr-filters",
+        alias = "duplicate_stderr_filters",
+        env = "PET_DUPLICATE_STDERR_FILTERS",
+        default_value = ""
+    )]
     pub duplicate_stderr_filters: String,
 
     /// Give every worker LOCAL_RANK=0 and only its own GPU in CUDA_VISIBLE_DEVICES.
     #[arg(long = "virtual-local-rank", alias = "virtual_local_rank", env = "PET_VIRTUAL_LOCAL_RANK",
-          action = ArgAction::SetTrue)]
+          action = ArgAction::SetTrue, value_parser = FalseyValueParser::new())]
     pub virtual_local_rank: bool,
 
     /// [ferrun] Exit with the root-cause worker's exit code (128+N for signal N) instead of 1.
     #[arg(long = "propagate-exit-code", alias = "propagate_exit_code", env = "PET_PROPAGATE_EXIT_CODE",
-          action = ArgAction::SetTrue)]
+          action = ArgAction::SetTrue, value_parser = FalseyValueParser::new())]
     pub propagate_exit_code: bool,
 
     /// [ferrun] Let workers write straight to this terminal (torchrun's default) instead of prefixing each line.
-    #[arg(long = "raw-output", alias = "raw_output", env = "PET_RAW_OUTPUT", action = ArgAction::SetTrue)]
+    #[arg(long = "raw-output", alias = "raw_output", env = "PET_RAW_OUTPUT", action = ArgAction::SetTrue, value_parser = FalseyValueParser::new())]
     pub raw_output: bool,
 
     /// (ferrun launch only) Read LOCAL_RANK from the environment instead of passing --local-rank.
-    #[arg(long = "use-env", alias = "use_env", env = "PET_USE_ENV", action = ArgAction::SetTrue, hide = true)]
+    #[arg(long = "use-env", alias = "use_env", env = "PET_USE_ENV", action = ArgAction::SetTrue, value_parser = FalseyValueParser::new(), hide = true)]
     pub use_env: bool,
 
     /// The training script (or module with -m, or program with --no-python), then its arguments.
@@ -262,10 +334,25 @@ mod tests {
 
     #[test]
     fn accepts_both_spellings_equals_and_prefixes() {
-        let (_, a) = ok(&["ferrun", "--nproc_per_node=3", "--max-restarts", "2", "train.py"]);
+        let (_, a) = ok(&[
+            "ferrun",
+            "--nproc_per_node=3",
+            "--max-restarts",
+            "2",
+            "train.py",
+        ]);
         assert_eq!((a.nproc_per_node.as_str(), a.max_restarts), ("3", 2));
-        let (_, a) = ok(&["ferrun", "--nproc-per-node", "4", "--rdzv_id=abc", "train.py"]);
-        assert_eq!((a.nproc_per_node.as_str(), a.rdzv_id.as_str()), ("4", "abc"));
+        let (_, a) = ok(&[
+            "ferrun",
+            "--nproc-per-node",
+            "4",
+            "--rdzv_id=abc",
+            "train.py",
+        ]);
+        assert_eq!(
+            (a.nproc_per_node.as_str(), a.rdzv_id.as_str()),
+            ("4", "abc")
+        );
         let (_, a) = ok(&["ferrun", "--nproc", "2", "--standa", "train.py"]);
         assert_eq!(a.nproc_per_node, "2");
         assert!(a.standalone);
@@ -273,19 +360,39 @@ mod tests {
 
     #[test]
     fn everything_after_the_script_belongs_to_it() {
-        let (_, a) = ok(&["ferrun", "-m", "pkg.train", "--nproc-per-node", "9", "-x", "--lr=0.1"]);
+        let (_, a) = ok(&[
+            "ferrun",
+            "-m",
+            "pkg.train",
+            "--nproc-per-node",
+            "9",
+            "-x",
+            "--lr=0.1",
+        ]);
         assert!(a.module);
         assert_eq!(a.nproc_per_node, "1");
         assert_eq!(a.training_script(), "pkg.train");
-        assert_eq!(a.training_script_args(), ["--nproc-per-node", "9", "-x", "--lr=0.1"]);
+        assert_eq!(
+            a.training_script_args(),
+            ["--nproc-per-node", "9", "-x", "--lr=0.1"]
+        );
     }
 
     #[test]
     fn legacy_launch_takes_use_env() {
-        let (flavor, a) = ok(&["ferrun", "launch", "--use_env", "--nproc_per_node=2", "t.py", "a"]);
+        let (flavor, a) = ok(&[
+            "ferrun",
+            "launch",
+            "--use_env",
+            "--nproc_per_node=2",
+            "t.py",
+            "a",
+        ]);
         assert_eq!(flavor, Flavor::LegacyLaunch);
         assert!(a.use_env);
-        let err = parse(["ferrun", "--use-env", "t.py"]).unwrap_err().to_string();
+        let err = parse(["ferrun", "--use-env", "t.py"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("ferrun launch --use-env"), "{err}");
     }
 

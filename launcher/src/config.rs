@@ -24,7 +24,9 @@ pub enum ConfigError {
     #[error("--nnodes {0}: ferrun runs single-node jobs so far; multi-node rendezvous is not built yet. Launch with --nnodes 1 (or --standalone)")]
     MultiNode(String),
     /// `--node-rank` does not fit `--nnodes`.
-    #[error("--node-rank {node_rank} is out of range: with --nnodes {nnodes} it must be below {nnodes}")]
+    #[error(
+        "--node-rank {node_rank} is out of range: with --nnodes {nnodes} it must be below {nnodes}"
+    )]
     NodeRank {
         /// The rank given.
         node_rank: u32,
@@ -49,6 +51,9 @@ pub enum ConfigError {
     /// `--signals-to-handle` names something that is not a signal.
     #[error("--signals-to-handle: {0:?} is not a signal name: use names like SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")]
     Signal(String),
+    /// `--signals-to-handle` names a signal no process can catch.
+    #[error("--signals-to-handle: {0} cannot be caught by any process, so it cannot be forwarded; leave it out")]
+    Unhandleable(String),
     /// The shutdown timeout is negative or not a number.
     #[error("{0} is not valid: use a number of seconds >= 0")]
     ShutdownTimeout(String),
@@ -155,7 +160,9 @@ impl Environment for ProcessEnvironment {
     }
     fn which(&self, program: &str) -> Option<PathBuf> {
         let path = std::env::var_os("PATH")?;
-        std::env::split_paths(&path).map(|d| d.join(program)).find(|p| is_executable(p))
+        std::env::split_paths(&path)
+            .map(|d| d.join(program))
+            .find(|p| is_executable(p))
     }
     fn cwd(&self) -> PathBuf {
         std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
@@ -167,7 +174,8 @@ impl Environment for ProcessEnvironment {
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 impl LaunchConfig {
@@ -175,26 +183,40 @@ impl LaunchConfig {
     ///
     /// # Errors
     /// The first [`ConfigError`] found.
-    pub fn from_args(flavor: Flavor, args: &Args, env: &dyn Environment) -> Result<Self, ConfigError> {
+    pub fn from_args(
+        flavor: Flavor,
+        args: &Args,
+        env: &dyn Environment,
+    ) -> Result<Self, ConfigError> {
         let (_, max_nodes) = parse_nnodes(&args.nnodes)?;
         if max_nodes > 1 {
             return Err(ConfigError::MultiNode(args.nnodes.clone()));
         }
         if args.node_rank >= max_nodes {
-            return Err(ConfigError::NodeRank { node_rank: args.node_rank, nnodes: max_nodes });
+            return Err(ConfigError::NodeRank {
+                node_rank: args.node_rank,
+                nnodes: max_nodes,
+            });
         }
         if !["static", "c10d", "etcd", "etcd-v2"].contains(&args.rdzv_backend.as_str()) {
             return Err(ConfigError::Backend(args.rdzv_backend.clone()));
         }
         parse_rdzv_conf(&args.rdzv_conf)?;
-        let (local_world_size, nproc_note) = nproc::resolve(&args.nproc_per_node, || env.devices())?;
+        let (local_world_size, nproc_note) =
+            nproc::resolve(&args.nproc_per_node, || env.devices())?;
 
         // torch 2.13 (run.py `run`): --standalone, and a single-node static launch given neither
         // an endpoint nor a master port, get a local store on a free port and a fresh run id.
         let standalone = args.standalone
-            || (args.rdzv_backend == "static" && args.rdzv_endpoint.is_empty() && args.master_port.is_none());
+            || (args.rdzv_backend == "static"
+                && args.rdzv_endpoint.is_empty()
+                && args.master_port.is_none());
         let (master_addr, master_port, run_id) = if standalone {
-            ("localhost".to_owned(), None, uuid::Uuid::new_v4().to_string())
+            (
+                "localhost".to_owned(),
+                None,
+                uuid::Uuid::new_v4().to_string(),
+            )
         } else if args.rdzv_backend == "static" {
             let (addr, port) = if args.rdzv_endpoint.is_empty() {
                 (args.master_addr.clone(), args.master_port.unwrap_or(29500))
@@ -205,7 +227,10 @@ impl LaunchConfig {
             (addr, Some(port), args.rdzv_id.clone())
         } else {
             parse_endpoint(&args.rdzv_endpoint)?;
-            let addr = args.local_addr.clone().unwrap_or_else(|| "localhost".to_owned());
+            let addr = args
+                .local_addr
+                .clone()
+                .unwrap_or_else(|| "localhost".to_owned());
             (addr, None, args.rdzv_id.clone())
         };
 
@@ -219,7 +244,10 @@ impl LaunchConfig {
             raw: args.raw_output,
             prefix_template: env.var("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
         };
-        let shutdown_timeout = match (args.shutdown_timeout, env.var("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")) {
+        let shutdown_timeout = match (
+            args.shutdown_timeout,
+            env.var("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"),
+        ) {
             (Some(secs), _) => seconds("--shutdown-timeout", &secs.to_string())?,
             (None, Some(v)) => seconds("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", &v)?,
             (None, None) => Duration::from_secs(30),
@@ -287,7 +315,9 @@ fn parse_endpoint(value: &str) -> Result<(String, Option<u16>), ConfigError> {
         }
     };
     let host_ok = !host.is_empty()
-        && host.chars().all(|c| c.is_alphanumeric() || matches!(c, '_' | '.' | ':' | '-' | '%'));
+        && host
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '.' | ':' | '-' | '%'));
     if !host_ok {
         return Err(bad());
     }
@@ -321,7 +351,13 @@ fn parse_signals(value: &str) -> Result<Vec<Signal>, ConfigError> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|name| Signal::from_str(name).map_err(|_| ConfigError::Signal(name.to_owned())))
+        .map(|name| match Signal::from_str(name) {
+            Ok(Signal::SIGKILL | Signal::SIGSTOP) => {
+                Err(ConfigError::Unhandleable(name.to_owned()))
+            }
+            Ok(sig) => Ok(sig),
+            Err(_) => Err(ConfigError::Signal(name.to_owned())),
+        })
         .collect()
 }
 
@@ -353,7 +389,11 @@ fn comma_separated(value: &str) -> Vec<String> {
 }
 
 /// The worker command line (torchrun's `config_from_args`), and the script's name.
-fn build_command(flavor: Flavor, args: &Args, env: &dyn Environment) -> Result<(Vec<String>, String), ConfigError> {
+fn build_command(
+    flavor: Flavor,
+    args: &Args,
+    env: &dyn Environment,
+) -> Result<(Vec<String>, String), ConfigError> {
     if args.module && args.no_python {
         return Err(ConfigError::Conflict(
             "-m/--module and --no-python exclude each other: -m runs a Python module, --no-python runs a program",
@@ -390,10 +430,11 @@ fn build_command(flavor: Flavor, args: &Args, env: &dyn Environment) -> Result<(
             command.push(checked_script(&script, env)?);
         }
     }
-    command.extend(args.training_script_args().iter().cloned());
+    // torch.distributed.launch puts --local-rank before the script's own arguments.
     if flavor == Flavor::LegacyLaunch && !args.use_env {
         command.push(format!("--local-rank={}", crate::worker::LOCAL_RANK_MACRO));
     }
+    command.extend(args.training_script_args().iter().cloned());
     Ok((command, script))
 }
 
@@ -421,7 +462,10 @@ fn checked_script(script: &str, env: &dyn Environment) -> Result<String, ConfigE
     if cwd.join(script).is_file() {
         Ok(script.to_owned())
     } else {
-        Err(ConfigError::ScriptMissing { path: script.to_owned(), cwd: cwd.display().to_string() })
+        Err(ConfigError::ScriptMissing {
+            path: script.to_owned(),
+            cwd: cwd.display().to_string(),
+        })
     }
 }
 
@@ -447,7 +491,11 @@ mod tests {
             self.cwd.clone()
         }
         fn devices(&self) -> Devices {
-            Devices { gpus: self.gpus, gpu_source: "fake".into(), cpus: 2 }
+            Devices {
+                gpus: self.gpus,
+                gpu_source: "fake".into(),
+                cpus: 2,
+            }
         }
     }
 
@@ -455,26 +503,47 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("train.py"), "").expect("write");
         let env = FakeEnv {
-            vars: vars.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            vars: vars
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
             cwd: dir.path().to_path_buf(),
             gpus: 0,
         };
         let mut full = vec!["ferrun"];
         full.extend_from_slice(argv);
-        let (flavor, args) = crate::cli::parse(full).map_err(|e| panic!("{e}")).expect("parse");
+        let (flavor, args) = crate::cli::parse(full)
+            .map_err(|e| panic!("{e}"))
+            .expect("parse");
         LaunchConfig::from_args(flavor, &args, &env)
     }
 
     #[test]
     fn builds_torchrun_command_lines() {
-        let c = launch(&["--nproc-per-node", "2", "train.py", "--lr", "${local_rank}"], &[]).expect("ok");
-        assert_eq!(c.command, ["/usr/bin/python3", "-u", "train.py", "--lr", "${local_rank}"]);
+        let c = launch(
+            &["--nproc-per-node", "2", "train.py", "--lr", "${local_rank}"],
+            &[],
+        )
+        .expect("ok");
+        assert_eq!(
+            c.command,
+            [
+                "/usr/bin/python3",
+                "-u",
+                "train.py",
+                "--lr",
+                "${local_rank}"
+            ]
+        );
         assert!(c.set_omp_num_threads);
         let c = launch(&["-m", "pkg.main", "x"], &[("PYTHON_EXEC", "/opt/py")]).expect("ok");
         assert_eq!(c.command, ["/opt/py", "-u", "-m", "pkg.main", "x"]);
         assert!(!c.set_omp_num_threads);
-        let c = launch(&["launch", "train.py"], &[]).expect("ok");
-        assert_eq!(c.command.last().map(String::as_str), Some("--local-rank=${local_rank}"));
+        let c = launch(&["launch", "train.py", "--lr", "1"], &[]).expect("ok");
+        assert_eq!(
+            c.command[2..],
+            ["train.py", "--local-rank=${local_rank}", "--lr", "1"]
+        );
         let c = launch(&["launch", "--use-env", "train.py"], &[]).expect("ok");
         assert_eq!(c.command.last().map(String::as_str), Some("train.py"));
     }
@@ -484,30 +553,64 @@ mod tests {
         let c = launch(&["train.py"], &[]).expect("ok");
         assert_eq!((c.master_addr.as_str(), c.master_port), ("localhost", None));
         assert_eq!(c.run_id.len(), 36, "a uuid: {}", c.run_id);
-        let c = launch(&["--master-port", "1234", "--rdzv-id", "r", "train.py"], &[]).expect("ok");
-        assert_eq!((c.master_addr.as_str(), c.master_port, c.run_id.as_str()), ("127.0.0.1", Some(1234), "r"));
+        let c = launch(
+            &["--master-port", "1234", "--rdzv-id", "r", "train.py"],
+            &[],
+        )
+        .expect("ok");
+        assert_eq!(
+            (c.master_addr.as_str(), c.master_port, c.run_id.as_str()),
+            ("127.0.0.1", Some(1234), "r")
+        );
         let c = launch(&["--rdzv-endpoint", "[::1]:29555", "train.py"], &[]).expect("ok");
-        assert_eq!((c.master_addr.as_str(), c.master_port), ("::1", Some(29555)));
+        assert_eq!(
+            (c.master_addr.as_str(), c.master_port),
+            ("::1", Some(29555))
+        );
     }
 
     #[test]
     fn rejects_bad_input_with_the_flag_named() {
         let cases: &[(&[&str], &str)] = &[
-            (&["--nnodes", "3:2", "train.py"], "--nnodes \"3:2\" is not valid"),
+            (
+                &["--nnodes", "3:2", "train.py"],
+                "--nnodes \"3:2\" is not valid",
+            ),
             (&["--nnodes", "1:2:3", "train.py"], "--nnodes"),
             (&["--nnodes", "0", "train.py"], "--nnodes"),
             (&["--nnodes", "2", "train.py"], "single-node jobs so far"),
-            (&["--node-rank", "1", "train.py"], "--node-rank 1 is out of range"),
+            (
+                &["--node-rank", "1", "train.py"],
+                "--node-rank 1 is out of range",
+            ),
             (&["--nproc-per-node", "gpu", "train.py"], "no GPU found"),
-            (&["--nproc-per-node", "x", "train.py"], "--nproc-per-node \"x\""),
-            (&["--rdzv-backend", "zk", "train.py"], "--rdzv-backend \"zk\""),
-            (&["--rdzv-endpoint", "h:99999", "train.py"], "--rdzv-endpoint"),
+            (
+                &["--nproc-per-node", "x", "train.py"],
+                "--nproc-per-node \"x\"",
+            ),
+            (
+                &["--rdzv-backend", "zk", "train.py"],
+                "--rdzv-backend \"zk\"",
+            ),
+            (
+                &["--rdzv-endpoint", "h:99999", "train.py"],
+                "--rdzv-endpoint",
+            ),
             (&["--rdzv-conf", "a=1,b", "train.py"], "--rdzv-conf"),
-            (&["--signals-to-handle", "SIGTERM,SIGNOPE", "train.py"], "SIGNOPE"),
-            (&["--shutdown-timeout", "-1", "train.py"], "--shutdown-timeout"),
+            (
+                &["--signals-to-handle", "SIGTERM,SIGNOPE", "train.py"],
+                "SIGNOPE",
+            ),
+            (
+                &["--shutdown-timeout", "-1", "train.py"],
+                "--shutdown-timeout",
+            ),
             (&["-t", "5", "train.py"], "--tee"),
             (&["-m", "--no-python", "x"], "exclude each other"),
-            (&["missing.py"], "training script \"missing.py\" does not exist"),
+            (
+                &["missing.py"],
+                "training script \"missing.py\" does not exist",
+            ),
             (&["--no-python", "no-such-program-xyz"], "was not found"),
         ];
         for (argv, expected) in cases {
@@ -520,16 +623,28 @@ mod tests {
     fn shutdown_timeout_comes_from_flag_then_torch_env_then_30s() {
         let c = launch(&["train.py"], &[("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "5")]).expect("ok");
         assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
-        let c = launch(&["--shutdown-timeout", "0.5", "train.py"], &[("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "5")])
-            .expect("ok");
+        let c = launch(
+            &["--shutdown-timeout", "0.5", "train.py"],
+            &[("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "5")],
+        )
+        .expect("ok");
         assert_eq!(c.shutdown_timeout, Duration::from_millis(500));
-        assert_eq!(launch(&["train.py"], &[]).expect("ok").shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(
+            launch(&["train.py"], &[]).expect("ok").shutdown_timeout,
+            Duration::from_secs(30)
+        );
     }
 
     #[test]
     fn endpoints_and_filters_parse_like_torch() {
-        assert_eq!(parse_endpoint("node1:29400").expect("ok"), ("node1".into(), Some(29400)));
-        assert_eq!(parse_endpoint("[fe80::1%eth0]").expect("ok"), ("fe80::1%eth0".into(), None));
+        assert_eq!(
+            parse_endpoint("node1:29400").expect("ok"),
+            ("node1".into(), Some(29400))
+        );
+        assert_eq!(
+            parse_endpoint("[fe80::1%eth0]").expect("ok"),
+            ("fe80::1%eth0".into(), None)
+        );
         assert!(parse_endpoint("a b:1").is_err());
         assert_eq!(comma_separated("apple,or,,ange,"), ["apple", "or,ange"]);
         assert_eq!(parse_nnodes("2").expect("ok"), (2, 2));

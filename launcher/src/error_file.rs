@@ -24,7 +24,11 @@ pub struct ErrorReport {
 pub fn read(path: &Path) -> Option<ErrorReport> {
     let text = std::fs::read_to_string(path).ok()?;
     Some(parse(&text).unwrap_or_else(|why| ErrorReport {
-        message: format!("error file {} is not in torchrun's format ({why}): {}", path.display(), text.trim()),
+        message: format!(
+            "error file {} is not in torchrun's format ({why}): {}",
+            path.display(),
+            text.trim()
+        ),
         traceback: None,
         timestamp: None,
     }))
@@ -32,12 +36,19 @@ pub fn read(path: &Path) -> Option<ErrorReport> {
 
 fn parse(text: &str) -> Result<ErrorReport, String> {
     let json: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    let as_int = |v: &Value| v.as_i64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()));
+    let as_int = |v: &Value| {
+        v.as_i64()
+            .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+    };
     match json.get("message") {
         Some(Value::Object(inner)) => {
             let extra = inner.get("extraInfo");
             Ok(ErrorReport {
-                message: inner.get("message").and_then(Value::as_str).unwrap_or("").to_owned(),
+                message: inner
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned(),
                 traceback: extra
                     .and_then(|e| e.get("py_callstack"))
                     .and_then(Value::as_str)
@@ -74,7 +85,10 @@ pub fn write_for_scheduler(
             "timestamp": chrono::Utc::now().timestamp().to_string()}}})
     });
     json["message"]["errorCode"] = Value::from(exit_code);
-    std::fs::write(target, serde_json::to_vec(&json).map_err(std::io::Error::other)?)
+    std::fs::write(
+        target,
+        serde_json::to_vec(&json).map_err(std::io::Error::other)?,
+    )
 }
 
 #[cfg(test)]
@@ -86,14 +100,20 @@ mod tests {
         let text = r#"{"message": {"message": "RuntimeError: boom", "extraInfo": {"py_callstack": "Traceback...\nRuntimeError: boom\n", "timestamp": "1764180000"}}}"#;
         let r = parse(text).expect("parse");
         assert_eq!(r.message, "RuntimeError: boom");
-        assert_eq!(r.traceback.as_deref(), Some("Traceback...\nRuntimeError: boom\n"));
+        assert_eq!(
+            r.traceback.as_deref(),
+            Some("Traceback...\nRuntimeError: boom\n")
+        );
         assert_eq!(r.timestamp, Some(1_764_180_000));
     }
 
     #[test]
     fn reads_the_short_format() {
         let r = parse(r#"{"message": "oops", "timestamp": 12}"#).expect("parse");
-        assert_eq!((r.message.as_str(), r.traceback, r.timestamp), ("oops", None, Some(12)));
+        assert_eq!(
+            (r.message.as_str(), r.traceback, r.timestamp),
+            ("oops", None, Some(12))
+        );
     }
 
     #[test]
@@ -110,15 +130,20 @@ mod tests {
     fn copies_the_root_cause_for_the_scheduler_with_its_exit_code() {
         let dir = tempfile::tempdir().expect("tempdir");
         let worker = dir.path().join("w.json");
-        std::fs::write(&worker, r#"{"message": {"message": "E: x", "extraInfo": {"timestamp": "5"}}}"#)
-            .expect("write");
+        std::fs::write(
+            &worker,
+            r#"{"message": {"message": "E: x", "extraInfo": {"timestamp": "5"}}}"#,
+        )
+        .expect("write");
         let target = dir.path().join("launcher.json");
         write_for_scheduler(&target, Some(&worker), "unused", 3).expect("write");
-        let v: Value = serde_json::from_slice(&std::fs::read(&target).expect("read")).expect("json");
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(&target).expect("read")).expect("json");
         assert_eq!(v["message"]["errorCode"], 3);
         assert_eq!(v["message"]["message"], "E: x");
         write_for_scheduler(&target, None, "Signal 9 (SIGKILL)", 137).expect("write");
-        let v: Value = serde_json::from_slice(&std::fs::read(&target).expect("read")).expect("json");
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(&target).expect("read")).expect("json");
         assert_eq!(v["message"]["message"], "Signal 9 (SIGKILL)");
     }
 }

@@ -79,15 +79,42 @@ impl WorkerGroup {
     ///
     /// # Errors
     /// A worker cannot be started; those already started are killed before returning.
-    pub fn start(config: &LaunchConfig, restart_count: u32, master_port: u16, attempt_dir: &Path) -> io::Result<Self> {
+    pub fn start(
+        config: &LaunchConfig,
+        restart_count: u32,
+        master_port: u16,
+        attempt_dir: &Path,
+    ) -> io::Result<Self> {
         let (tx, exits) = mpsc::unbounded_channel();
-        let mut group = Self { workers: Vec::new(), exits, forwarders: Vec::new() };
+        let mut group = Self {
+            workers: Vec::new(),
+            exits,
+            forwarders: Vec::new(),
+        };
         let duplicates = [
-            duplicate_file(attempt_dir, "filtered_stdout.log", &config.output.stdout_filters)?,
-            duplicate_file(attempt_dir, "filtered_stderr.log", &config.output.stderr_filters)?,
+            duplicate_file(
+                attempt_dir,
+                "filtered_stdout.log",
+                &config.output.stdout_filters,
+            )?,
+            duplicate_file(
+                attempt_dir,
+                "filtered_stderr.log",
+                &config.output.stderr_filters,
+            )?,
         ];
         for local_rank in 0..config.local_world_size {
-            if let Err(e) = group.start_one(config, Placement { local_rank, restart_count, master_port }, attempt_dir, &duplicates, &tx) {
+            if let Err(e) = group.start_one(
+                config,
+                Placement {
+                    local_rank,
+                    restart_count,
+                    master_port,
+                },
+                attempt_dir,
+                &duplicates,
+                &tx,
+            ) {
                 group.kill_all();
                 return Err(e);
             }
@@ -108,8 +135,16 @@ impl WorkerGroup {
         let out = &config.output;
         let redirect = out.redirects.for_rank(at.local_rank);
         let tee = out.tee.for_rank(at.local_rank);
-        let shown = out.ranks_filter.as_ref().is_none_or(|f| f.contains(&at.local_rank));
-        let prefix = output::prefix(out.prefix_template.as_deref(), &config.role, env.rank, at.local_rank);
+        let shown = out
+            .ranks_filter
+            .as_ref()
+            .is_none_or(|f| f.contains(&at.local_rank));
+        let prefix = output::prefix(
+            out.prefix_template.as_deref(),
+            &config.role,
+            env.rank,
+            at.local_rank,
+        );
         // Per stream: (to file, to console, piped through the launcher).
         let route = |to_file: bool, redirected: bool, dup: &Option<Duplicate>| {
             let console = shown && !redirected;
@@ -117,26 +152,50 @@ impl WorkerGroup {
             (to_file, console, piped)
         };
         let streams = [
-            route(redirect.stdout || tee.stdout, redirect.stdout, &duplicates[0]),
-            route(redirect.stderr || tee.stderr, redirect.stderr, &duplicates[1]),
+            route(
+                redirect.stdout || tee.stdout,
+                redirect.stdout,
+                &duplicates[0],
+            ),
+            route(
+                redirect.stderr || tee.stderr,
+                redirect.stderr,
+                &duplicates[1],
+            ),
         ];
-        let mut child = worker::spawn(config, &env, Piped { stdout: streams[0].2, stderr: streams[1].2 })?;
+        let mut child = worker::spawn(
+            config,
+            &env,
+            Piped {
+                stdout: streams[0].2,
+                stderr: streams[1].2,
+            },
+        )?;
         let pid = child.id().unwrap_or(0);
-        let sink = |(to_file, console, _): (bool, bool, bool), kind: Console, log: &Path, dup: &Option<Duplicate>| {
+        let sink = |(to_file, console, _): (bool, bool, bool),
+                    kind: Console,
+                    log: &Path,
+                    dup: &Option<Duplicate>| {
             Ok::<_, io::Error>(Sink {
                 console: console.then(|| (kind, prefix.clone())),
-                file: if to_file { Some(File::create(log)?) } else { None },
+                file: if to_file {
+                    Some(File::create(log)?)
+                } else {
+                    None
+                },
                 duplicate: dup.clone(),
                 prefix: prefix.clone(),
             })
         };
         if let Some(stdout) = child.stdout.take() {
             let sink = sink(streams[0], Console::Stdout, &stdout_log, &duplicates[0])?;
-            self.forwarders.push(tokio::spawn(output::forward(stdout, sink)));
+            self.forwarders
+                .push(tokio::spawn(output::forward(stdout, sink)));
         }
         if let Some(stderr) = child.stderr.take() {
             let sink = sink(streams[1], Console::Stderr, &stderr_log, &duplicates[1])?;
-            self.forwarders.push(tokio::spawn(output::forward(stderr, sink)));
+            self.forwarders
+                .push(tokio::spawn(output::forward(stderr, sink)));
         }
         let index = self.workers.len();
         let tx = tx.clone();
@@ -147,7 +206,14 @@ impl WorkerGroup {
             };
             let _ = tx.send((index, exit, Instant::now(), SystemTime::now()));
         });
-        self.workers.push(Worker { local_rank: at.local_rank, rank: env.rank, pid, started: Instant::now(), error_file, exit: None });
+        self.workers.push(Worker {
+            local_rank: at.local_rank,
+            rank: env.rank,
+            pid,
+            started: Instant::now(),
+            error_file,
+            exit: None,
+        });
         Ok(())
     }
 
@@ -220,10 +286,17 @@ impl WorkerGroup {
     }
 }
 
-fn duplicate_file(attempt_dir: &Path, name: &str, patterns: &[String]) -> io::Result<Option<Duplicate>> {
+fn duplicate_file(
+    attempt_dir: &Path,
+    name: &str,
+    patterns: &[String],
+) -> io::Result<Option<Duplicate>> {
     if patterns.is_empty() {
         return Ok(None);
     }
     let file = File::create(attempt_dir.join(name))?;
-    Ok(Some(Duplicate { patterns: Arc::new(patterns.to_vec()), file: Arc::new(Mutex::new(file)) }))
+    Ok(Some(Duplicate {
+        patterns: Arc::new(patterns.to_vec()),
+        file: Arc::new(Mutex::new(file)),
+    }))
 }

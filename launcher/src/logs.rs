@@ -17,7 +17,10 @@ pub struct Streams {
 
 impl Streams {
     fn from_mask(mask: u8) -> Self {
-        Self { stdout: mask & 1 != 0, stderr: mask & 2 != 0 }
+        Self {
+            stdout: mask & 1 != 0,
+            stderr: mask & 2 != 0,
+        }
     }
 }
 
@@ -52,7 +55,10 @@ impl StdSpec {
     /// # Errors
     /// [`LogSpecError::Std`] for anything else.
     pub fn parse(flag: &'static str, value: &str) -> Result<Self, LogSpecError> {
-        let bad = || LogSpecError::Std { flag, value: value.to_owned() };
+        let bad = || LogSpecError::Std {
+            flag,
+            value: value.to_owned(),
+        };
         let mask = |s: &str| match s.trim() {
             "0" => Ok(0),
             "1" => Ok(1),
@@ -80,9 +86,11 @@ impl StdSpec {
     pub fn for_rank(&self, local_rank: u32) -> Streams {
         match self {
             Self::All(s) => *s,
-            Self::PerRank(list) => {
-                list.iter().find(|(r, _)| *r == local_rank).map(|(_, s)| *s).unwrap_or_default()
-            }
+            Self::PerRank(list) => list
+                .iter()
+                .find(|(r, _)| *r == local_rank)
+                .map(|(_, s)| *s)
+                .unwrap_or_default(),
         }
     }
 }
@@ -97,7 +105,11 @@ pub fn parse_ranks_filter(value: &str) -> Result<Option<BTreeSet<u32>>, LogSpecE
     }
     value
         .split(',')
-        .map(|r| r.trim().parse().map_err(|_| LogSpecError::Filter(value.to_owned())))
+        .map(|r| {
+            r.trim()
+                .parse()
+                .map_err(|_| LogSpecError::Filter(value.to_owned()))
+        })
         .collect::<Result<_, _>>()
         .map(Some)
 }
@@ -119,7 +131,10 @@ impl LogLayout {
                 std::fs::create_dir_all(b).map_err(|e| with_path(e, b))?;
                 b.to_path_buf()
             }
-            None => tempfile::Builder::new().prefix("torchelastic_").tempdir()?.keep(),
+            None => tempfile::Builder::new()
+                .prefix("torchelastic_")
+                .tempdir()?
+                .keep(),
         };
         let run_dir = tempfile::Builder::new()
             .prefix(&format!("{run_id}_"))
@@ -154,7 +169,11 @@ impl LogLayout {
 /// The files of one worker within an attempt directory.
 pub fn worker_files(attempt_dir: &Path, local_rank: u32) -> [PathBuf; 3] {
     let dir = attempt_dir.join(local_rank.to_string());
-    [dir.join("stdout.log"), dir.join("stderr.log"), dir.join("error.json")]
+    [
+        dir.join("stdout.log"),
+        dir.join("stderr.log"),
+        dir.join("error.json"),
+    ]
 }
 
 fn with_path(e: std::io::Error, path: &Path) -> std::io::Error {
@@ -168,13 +187,36 @@ mod tests {
     #[test]
     fn parses_masks_and_per_rank_lists() {
         let all = StdSpec::parse("--tee", "3").expect("3");
-        assert_eq!(all.for_rank(7), Streams { stdout: true, stderr: true });
+        assert_eq!(
+            all.for_rank(7),
+            Streams {
+                stdout: true,
+                stderr: true
+            }
+        );
         let per = StdSpec::parse("--redirects", "0:1,1:2").expect("list");
-        assert_eq!(per.for_rank(0), Streams { stdout: true, stderr: false });
-        assert_eq!(per.for_rank(1), Streams { stdout: false, stderr: true });
+        assert_eq!(
+            per.for_rank(0),
+            Streams {
+                stdout: true,
+                stderr: false
+            }
+        );
+        assert_eq!(
+            per.for_rank(1),
+            Streams {
+                stdout: false,
+                stderr: true
+            }
+        );
         assert_eq!(per.for_rank(2), Streams::default());
         // Unlike torchrun's regex, local ranks above 9 work.
-        assert!(StdSpec::parse("-t", "12:3").expect("12").for_rank(12).stdout);
+        assert!(
+            StdSpec::parse("-t", "12:3")
+                .expect("12")
+                .for_rank(12)
+                .stdout
+        );
     }
 
     #[test]
@@ -192,7 +234,12 @@ mod tests {
     fn lays_out_attempts_like_torchrun() {
         let base = tempfile::tempdir().expect("tempdir");
         let layout = LogLayout::create(Some(base.path()), "job").expect("layout");
-        let name = layout.run_dir().file_name().expect("name").to_string_lossy().into_owned();
+        let name = layout
+            .run_dir()
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
         assert!(name.starts_with("job_"), "{name}");
         let attempt = layout.prepare_attempt(1, 2).expect("attempt");
         assert_eq!(attempt, layout.run_dir().join("attempt_1"));

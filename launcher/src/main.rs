@@ -58,17 +58,31 @@ fn run(config: &LaunchConfig) -> anyhow::Result<u8> {
         .context("cannot start the async runtime")?;
     let started = std::time::Instant::now();
     let result = runtime.block_on(agent::run(config))?;
-    let host = nix::unistd::gethostname().map_or_else(|_| "localhost".into(), |h| h.to_string_lossy().into_owned());
+    let host = nix::unistd::gethostname()
+        .map_or_else(|_| "localhost".into(), |h| h.to_string_lossy().into_owned());
     eprint!("{}", report::summary_table(&result.rows, started.elapsed()));
     eprintln!("logs: {}", result.log_dir.display());
     Ok(match result.outcome {
         Outcome::Succeeded => 0,
         Outcome::Failed(failures) => {
-            eprint!("{}", report::failure_report(&config.script_name, &host, &failures));
+            eprint!(
+                "{}",
+                report::failure_report(&config.script_name, &host, &failures)
+            );
             let root = report::root_cause(&failures).context("a failed run has a root cause")?;
             if let Ok(target) = std::env::var("TORCHELASTIC_ERROR_FILE") {
-                let message = format!("{} failed: rank {} exited with {}", config.script_name, root.rank, root.shell_code());
-                if let Err(e) = error_file::write_for_scheduler(target.as_ref(), root.error_file.as_deref(), &message, root.shell_code()) {
+                let message = format!(
+                    "{} failed: rank {} exited with {}",
+                    config.script_name,
+                    root.rank,
+                    root.shell_code()
+                );
+                if let Err(e) = error_file::write_for_scheduler(
+                    target.as_ref(),
+                    root.error_file.as_deref(),
+                    &message,
+                    root.shell_code(),
+                ) {
                     tracing::warn!("cannot write the launcher's error file {target}: {e}");
                 }
             }
@@ -94,13 +108,19 @@ fn init_tracing() {
     // torchrun reads LOGLEVEL; RUST_LOG works too.
     let filter = std::env::var("RUST_LOG")
         .ok()
-        .or_else(|| std::env::var("LOGLEVEL").ok().map(|l| l.to_lowercase().replace("warning", "warn")))
+        .or_else(|| {
+            std::env::var("LOGLEVEL")
+                .ok()
+                .map(|l| l.to_lowercase().replace("warning", "warn"))
+        })
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
-        .with_timer(tracing_subscriber::fmt::time::ChronoLocal::new("%H:%M:%S%.3f".into()))
+        .with_timer(tracing_subscriber::fmt::time::ChronoLocal::new(
+            "%H:%M:%S%.3f".into(),
+        ))
         .init();
 }

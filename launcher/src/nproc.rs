@@ -38,7 +38,11 @@ impl Devices {
             std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
         );
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        Self { gpus, gpu_source, cpus }
+        Self {
+            gpus,
+            gpu_source,
+            cpus,
+        }
     }
 }
 
@@ -47,7 +51,10 @@ impl Devices {
 /// # Errors
 /// [`NprocError::Invalid`] for a value that is none of the forms, [`NprocError::NoGpus`] for
 /// `gpu` without GPUs.
-pub fn resolve(value: &str, devices: impl FnOnce() -> Devices) -> Result<(u32, String), NprocError> {
+pub fn resolve(
+    value: &str,
+    devices: impl FnOnce() -> Devices,
+) -> Result<(u32, String), NprocError> {
     match value.trim() {
         "cpu" => {
             let d = devices();
@@ -65,7 +72,13 @@ pub fn resolve(value: &str, devices: impl FnOnce() -> Devices) -> Result<(u32, S
             if d.gpus > 0 {
                 Ok((d.gpus, format!("auto: {} GPUs ({})", d.gpus, d.gpu_source)))
             } else {
-                Ok((d.cpus, format!("auto: no GPU ({}), so one worker per CPU: {}", d.gpu_source, d.cpus)))
+                Ok((
+                    d.cpus,
+                    format!(
+                        "auto: no GPU ({}), so one worker per CPU: {}",
+                        d.gpu_source, d.cpus
+                    ),
+                ))
             }
         }
         n => match n.parse::<u32>() {
@@ -77,7 +90,9 @@ pub fn resolve(value: &str, devices: impl FnOnce() -> Devices) -> Result<(u32, S
 
 fn nvidia_smi_list() -> Option<String> {
     let out = Command::new("nvidia-smi").arg("-L").output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn count_gpus(
@@ -89,10 +104,15 @@ fn count_gpus(
         Ok(entries) => (entries.count() as u32, proc_dir.display().to_string()),
         Err(_) => match smi() {
             Some(list) => (
-                list.lines().filter(|l| l.trim_start().starts_with("GPU ")).count() as u32,
+                list.lines()
+                    .filter(|l| l.trim_start().starts_with("GPU "))
+                    .count() as u32,
                 "nvidia-smi -L".to_owned(),
             ),
-            None => (0, format!("checked {} and nvidia-smi -L", proc_dir.display())),
+            None => (
+                0,
+                format!("checked {} and nvidia-smi -L", proc_dir.display()),
+            ),
         },
     };
     match cuda_visible {
@@ -103,7 +123,10 @@ fn count_gpus(
                 .map(str::trim)
                 .take_while(|d| !d.is_empty() && !d.starts_with('-'))
                 .count() as u32;
-            (listed.min(physical), format!("{source}, narrowed by CUDA_VISIBLE_DEVICES={visible:?}"))
+            (
+                listed.min(physical),
+                format!("{source}, narrowed by CUDA_VISIBLE_DEVICES={visible:?}"),
+            )
         }
         _ => (physical, source),
     }
@@ -114,7 +137,11 @@ mod tests {
     use super::*;
 
     fn devices(gpus: u32) -> impl FnOnce() -> Devices {
-        move || Devices { gpus, gpu_source: "test".into(), cpus: 6 }
+        move || Devices {
+            gpus,
+            gpu_source: "test".into(),
+            cpus: 6,
+        }
     }
 
     #[test]
@@ -128,8 +155,14 @@ mod tests {
 
     #[test]
     fn rejects_zero_garbage_and_missing_gpus() {
-        assert_eq!(resolve("0", devices(0)), Err(NprocError::Invalid("0".into())));
-        assert_eq!(resolve("four", devices(0)), Err(NprocError::Invalid("four".into())));
+        assert_eq!(
+            resolve("0", devices(0)),
+            Err(NprocError::Invalid("0".into()))
+        );
+        assert_eq!(
+            resolve("four", devices(0)),
+            Err(NprocError::Invalid("four".into()))
+        );
         let err = resolve("gpu", devices(0)).unwrap_err();
         assert!(err.to_string().contains("no GPU found"), "{err}");
     }
@@ -145,8 +178,13 @@ mod tests {
         assert_eq!(count_gpus(dir.path(), || None, Some("")).0, 0);
         assert_eq!(count_gpus(dir.path(), || None, Some("0,-1,2")).0, 1);
         let missing = dir.path().join("absent");
-        let smi = || Some("GPU 0: NVIDIA H100 (UUID: GPU-1)\nGPU 1: NVIDIA H100 (UUID: GPU-2)\n".to_owned());
-        assert_eq!(count_gpus(&missing, smi, None), (2, "nvidia-smi -L".to_owned()));
+        let smi = || {
+            Some("GPU 0: NVIDIA H100 (UUID: GPU-1)\nGPU 1: NVIDIA H100 (UUID: GPU-2)\n".to_owned())
+        };
+        assert_eq!(
+            count_gpus(&missing, smi, None),
+            (2, "nvidia-smi -L".to_owned())
+        );
         assert_eq!(count_gpus(&missing, || None, None).0, 0);
     }
 }

@@ -113,8 +113,14 @@ pub fn prefix(template: Option<&str>, role: &str, rank: u32, local_rank: u32) ->
         None => format!("[{role}{local_rank}]:"),
         Some(t) => {
             let mut out = t.to_owned();
-            for (name, value) in [("role_name", role.to_owned()), ("local_rank", local_rank.to_string()), ("rank", rank.to_string())] {
-                out = out.replace(&format!("${{{name}}}"), &value).replace(&format!("${name}"), &value);
+            for (name, value) in [
+                ("role_name", role.to_owned()),
+                ("local_rank", local_rank.to_string()),
+                ("rank", rank.to_string()),
+            ] {
+                out = out
+                    .replace(&format!("${{{name}}}"), &value)
+                    .replace(&format!("${name}"), &value);
             }
             out
         }
@@ -128,7 +134,15 @@ mod tests {
     #[test]
     fn prefixes_like_torchrun() {
         assert_eq!(prefix(None, "default", 5, 1), "[default1]:");
-        assert_eq!(prefix(Some("[${role_name}|r${rank}|l$local_rank] "), "trainer", 5, 1), "[trainer|r5|l1] ");
+        assert_eq!(
+            prefix(
+                Some("[${role_name}|r${rank}|l$local_rank] "),
+                "trainer",
+                5,
+                1
+            ),
+            "[trainer|r5|l1] "
+        );
     }
 
     #[tokio::test]

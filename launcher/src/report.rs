@@ -62,8 +62,15 @@ impl Failure {
     /// The time that orders failures: the error file's timestamp (when the exception was
     /// recorded), else the exit.
     fn order_key(&self) -> (i64, usize) {
-        let exit_secs = self.when.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-        let recorded = self.error.as_ref().and_then(|e| e.timestamp).unwrap_or(exit_secs);
+        let exit_secs = self
+            .when
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let recorded = self
+            .error
+            .as_ref()
+            .and_then(|e| e.timestamp)
+            .unwrap_or(exit_secs);
         (recorded.min(exit_secs), self.seen)
     }
 }
@@ -98,10 +105,17 @@ fn hint(exit: Exit) -> Option<&'static str> {
 
 /// The failure report, in torchrun's layout (a 60-column frame, `Root Cause` last).
 pub fn failure_report(script: &str, host: &str, failures: &[Failure]) -> String {
-    let Some(root) = root_cause(failures) else { return String::new() };
+    let Some(root) = root_cause(failures) else {
+        return String::new();
+    };
     let rule = |c: char| c.to_string().repeat(60);
     let mut out = String::new();
-    let _ = writeln!(out, "{}\n{script} FAILED\n{}\nFailures:", rule('='), rule('-'));
+    let _ = writeln!(
+        out,
+        "{}\n{script} FAILED\n{}\nFailures:",
+        rule('='),
+        rule('-')
+    );
     let others: Vec<_> = failures.iter().filter(|f| f.seen != root.seen).collect();
     if others.is_empty() {
         let _ = writeln!(out, "  <NO_OTHER_FAILURES>");
@@ -120,12 +134,19 @@ fn entry(out: &mut String, index: usize, host: &str, f: &Failure) {
     let _ = writeln!(out, "[{index}]:");
     let _ = writeln!(out, "  time      : {time}");
     let _ = writeln!(out, "  host      : {host}");
-    let _ = writeln!(out, "  rank      : {} (local_rank: {})", f.rank, f.local_rank);
+    let _ = writeln!(
+        out,
+        "  rank      : {} (local_rank: {})",
+        f.rank, f.local_rank
+    );
     let _ = writeln!(out, "  exitcode  : {} (pid: {})", exit_text(f.exit), f.pid);
     if let Some(h) = hint(f.exit) {
         let _ = writeln!(out, "  hint      : {h}");
     }
-    let file = f.error_file.as_ref().map_or_else(|| "<N/A>".to_owned(), |p| p.display().to_string());
+    let file = f
+        .error_file
+        .as_ref()
+        .map_or_else(|| "<N/A>".to_owned(), |p| p.display().to_string());
     let _ = writeln!(out, "  error_file: {file}");
     let traceback = match (&f.error, f.exit) {
         (Some(e), _) => e.traceback.clone().unwrap_or_else(|| e.message.clone()),
@@ -161,7 +182,11 @@ pub struct SummaryRow {
 /// The summary table printed when the launcher ends.
 pub fn summary_table(rows: &[SummaryRow], total: Duration) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{:>5} {:>6} {:>8}  {:<22} {:>10} {:>8}", "rank", "local", "pid", "exit", "duration", "restarts");
+    let _ = writeln!(
+        out,
+        "{:>5} {:>6} {:>8}  {:<22} {:>10} {:>8}",
+        "rank", "local", "pid", "exit", "duration", "restarts"
+    );
     for r in rows {
         let _ = writeln!(
             out,
@@ -194,7 +219,13 @@ pub fn outcome_text(exit: Option<Exit>, stopped_by_launcher: bool) -> String {
 mod tests {
     use super::*;
 
-    fn failure(rank: u32, exit: Exit, secs: u64, seen: usize, error: Option<ErrorReport>) -> Failure {
+    fn failure(
+        rank: u32,
+        exit: Exit,
+        secs: u64,
+        seen: usize,
+        error: Option<ErrorReport>,
+    ) -> Failure {
         Failure {
             rank,
             local_rank: rank,
@@ -209,30 +240,63 @@ mod tests {
 
     #[test]
     fn root_cause_is_the_first_failure_by_time_then_by_arrival() {
-        let recorded_early = ErrorReport { message: "E: first".into(), traceback: None, timestamp: Some(5) };
-        let fs = [failure(0, Exit::Code(1), 10, 0, None), failure(1, Exit::Code(1), 10, 1, Some(recorded_early))];
+        let recorded_early = ErrorReport {
+            message: "E: first".into(),
+            traceback: None,
+            timestamp: Some(5),
+        };
+        let fs = [
+            failure(0, Exit::Code(1), 10, 0, None),
+            failure(1, Exit::Code(1), 10, 1, Some(recorded_early)),
+        ];
         assert_eq!(root_cause(&fs).map(|f| f.rank), Some(1));
-        let fs = [failure(2, Exit::Code(1), 10, 1, None), failure(3, Exit::Code(1), 10, 0, None)];
+        let fs = [
+            failure(2, Exit::Code(1), 10, 1, None),
+            failure(3, Exit::Code(1), 10, 0, None),
+        ];
         assert_eq!(root_cause(&fs).map(|f| f.rank), Some(3));
     }
 
     #[test]
     fn report_names_signal_hint_and_traceback() {
-        let tb = ErrorReport { message: "ValueError: bad".into(), traceback: Some("Traceback (most recent call last):\n  x\nValueError: bad\n".into()), timestamp: Some(1) };
-        let fs = [failure(1, Exit::Code(1), 1, 0, Some(tb)), failure(2, Exit::Signal(9), 2, 1, None)];
+        let tb = ErrorReport {
+            message: "ValueError: bad".into(),
+            traceback: Some("Traceback (most recent call last):\n  x\nValueError: bad\n".into()),
+            timestamp: Some(1),
+        };
+        let fs = [
+            failure(1, Exit::Code(1), 1, 0, Some(tb)),
+            failure(2, Exit::Signal(9), 2, 1, None),
+        ];
         let report = failure_report("train.py", "node-a", &fs);
         assert!(report.contains("train.py FAILED"), "{report}");
-        assert!(report.contains("exitcode  : -9 (SIGKILL) (pid: 102)"), "{report}");
+        assert!(
+            report.contains("exitcode  : -9 (SIGKILL) (pid: 102)"),
+            "{report}"
+        );
         assert!(report.contains("out-of-memory killer"), "{report}");
         let root = report.split("Root Cause").nth(1).expect("root section");
-        assert!(root.contains("rank      : 1 (local_rank: 1)") && root.contains("ValueError: bad"), "{report}");
+        assert!(
+            root.contains("rank      : 1 (local_rank: 1)") && root.contains("ValueError: bad"),
+            "{report}"
+        );
     }
 
     #[test]
     fn summary_lists_every_rank() {
-        let rows = [SummaryRow { rank: 0, local_rank: 0, pid: 7, outcome: outcome_text(Some(Exit::Code(0)), false), duration: Duration::from_millis(1500), restarts: 1 }];
+        let rows = [SummaryRow {
+            rank: 0,
+            local_rank: 0,
+            pid: 7,
+            outcome: outcome_text(Some(Exit::Code(0)), false),
+            duration: Duration::from_millis(1500),
+            restarts: 1,
+        }];
         let table = summary_table(&rows, Duration::from_secs(2));
         assert!(table.contains("ok") && table.contains("1.50s"), "{table}");
-        assert_eq!(outcome_text(Some(Exit::Signal(15)), true), "stopped (SIGTERM)");
+        assert_eq!(
+            outcome_text(Some(Exit::Signal(15)), true),
+            "stopped (SIGTERM)"
+        );
     }
 }

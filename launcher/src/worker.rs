@@ -70,18 +70,36 @@ pub struct Piped {
 /// The program cannot be started (not found, not executable).
 pub fn spawn(config: &LaunchConfig, env: &WorkerEnv, piped: Piped) -> io::Result<Child> {
     let local_rank = env.local_rank.to_string();
-    let mut args = config.command.iter().map(|a| a.replace(LOCAL_RANK_MACRO, &local_rank));
-    let program = args.next().ok_or_else(|| io::Error::other("empty worker command"))?;
+    let mut args = config
+        .command
+        .iter()
+        .map(|a| a.replace(LOCAL_RANK_MACRO, &local_rank));
+    let program = args
+        .next()
+        .ok_or_else(|| io::Error::other("empty worker command"))?;
     let mut command = Command::new(&program);
     command.args(args).envs(env.to_env());
     if config.virtual_local_rank {
-        command.env("LOCAL_RANK", "0").env("CUDA_VISIBLE_DEVICES", visible_device(env.local_rank));
+        command
+            .env("LOCAL_RANK", "0")
+            .env("CUDA_VISIBLE_DEVICES", visible_device(env.local_rank));
     }
-    let stdio = |pipe: bool| if pipe { Stdio::piped() } else { Stdio::inherit() };
-    command.stdout(stdio(piped.stdout)).stderr(stdio(piped.stderr)).stdin(Stdio::inherit());
+    let stdio = |pipe: bool| {
+        if pipe {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        }
+    };
+    command
+        .stdout(stdio(piped.stdout))
+        .stderr(stdio(piped.stderr))
+        .stdin(Stdio::inherit());
     command.process_group(0);
     bind_to_launcher(&mut command);
-    command.spawn().map_err(|e| io::Error::new(e.kind(), format!("cannot start {program:?}: {e}")))
+    command
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot start {program:?}: {e}")))
 }
 
 /// torchrun's `--virtual-local-rank`: the worker sees only its own GPU, as device 0.

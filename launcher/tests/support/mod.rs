@@ -1,0 +1,181 @@
+//! Shared helpers for the launcher's end-to-end tests: the real `ferrun` binary, the torch
+//! virtualenv, bounded waits.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The virtualenv with torch 2.13.0 that `scripts/setup-python.sh` installs.
+pub fn venv() -> PathBuf {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let venv = std::env::var_os("FERRUN_VENV").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/ferrun/venv-torch-2.13.0")
+        });
+        let ok = Command::new(venv.join("bin/python"))
+            .args(["-c", "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "torch 2.13.0 is not installed in {}: run `scripts/test.sh` (it installs it), or set FERRUN_VENV",
+            venv.display()
+        );
+        venv
+    })
+    .clone()
+}
+
+/// PATH with the torch virtualenv first, so `python3` and `torchrun` are torch 2.13's.
+pub fn venv_path() -> String {
+    format!(
+        "{}:{}",
+        venv().join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// A worker script of `tests/workers`.
+pub fn worker(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/workers")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// `ferrun` with the venv on PATH and a quiet, deterministic environment.
+pub fn ferrun() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrun"));
+    cmd.env("PATH", venv_path())
+        .env_remove("OMP_NUM_THREADS")
+        .env("PYTHONWARNINGS", "ignore");
+    for (key, _) in std::env::vars() {
+        if key.starts_with("PET_") || key.starts_with("TORCHELASTIC_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// `torchrun` from the venv, with the same environment as [`ferrun`].
+pub fn torchrun() -> Command {
+    let mut cmd = ferrun();
+    let mut real = Command::new(venv().join("bin/torchrun"));
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => real.env(k, v),
+            None => real.env_remove(k),
+        };
+    }
+    cmd = real;
+    cmd
+}
+
+/// Runs `cmd` to completion, killing it (and failing the test) past `limit`.
+pub fn run(mut cmd: Command, limit: Duration) -> Output {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    run_child(cmd.spawn().expect("spawn"), limit)
+}
+
+/// Text of a process's stdout and stderr.
+pub fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Lines of a running child's stdout, delivered as they come.
+pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for `n` lines containing `needle`, each within what is left of `limit`.
+pub fn wait_for_lines(
+    lines: &mpsc::Receiver<String>,
+    needle: &str,
+    n: usize,
+    limit: Duration,
+) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    let mut found = Vec::new();
+    while found.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => found.push(line),
+            Ok(_) => {}
+            Err(e) => panic!("waited {limit:?} for {n} lines with {needle:?}, got {found:?}: {e}"),
+        }
+    }
+    found
+}
+
+/// Whether a process is alive (a zombie counts as dead).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|s| s != 'Z' && s != 'X'),
+        Err(_) => false,
+    }
+}
+
+/// Checks `pids` until none is alive or `limit` passes; returns those still alive.
+pub fn survivors_after(pids: &[i32], limit: Duration) -> Vec<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills processes left behind by a failed test so they do not outlive it.
+pub fn kill_all(pids: &[i32]) {
+    for &pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Waits for a spawned child (its stdout may already be taken), killing it past `limit`.
+pub fn run_child(child: Child, limit: Duration) -> Output {
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("launcher {pid} did not finish within {limit:?}");
+        }
+    }
+}
