@@ -57,6 +57,7 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
         torchrun.display()
     );
 
+    let mut floor = Vec::new();
     let mut noop = [Vec::new(), Vec::new()];
     let mut restart = [Vec::new(), Vec::new()];
     // Interleave the launchers so that both see the same machine noise; the first round warms up.
@@ -73,6 +74,10 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
             }
             eprint!(".");
         }
+        let f = time_direct_start(o)?;
+        if round > 0 {
+            floor.push(f);
+        }
     }
     eprintln!();
     println!(
@@ -85,7 +90,17 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
     );
     print_row("(a) no-op job, start to exit", &noop);
     print_row("(b) failure → restarted group running", &restart);
-    println!("× = ferrun / torchrun (goal ≤ 0.10)");
+    if let Some(f) = summarize(&floor) {
+        let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
+        println!(
+            "{:<44} {:>12} {:>12}",
+            "floor: start the workers with no launcher",
+            ms(f.min),
+            ms(f.median)
+        );
+    }
+    println!("× = ferrun / torchrun (goal ≤ 0.10). The floor is what starting {} Python interpreters costs here:", o.nproc);
+    println!("no launcher can restart a group faster than it.");
     Ok(())
 }
 
@@ -142,6 +157,38 @@ fn time_noop(o: &Options, launcher: Launcher) -> anyhow::Result<Duration> {
     Ok(elapsed)
 }
 
+/// Starts the workers of a restarted attempt directly (no launcher): from spawn to the last one
+/// running, by the same timestamps.
+fn time_direct_start(o: &Options) -> anyhow::Result<Duration> {
+    let python = o.venv.join("bin/python3");
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    let children = (0..o.nproc)
+        .map(|rank| {
+            Command::new(&python)
+                .arg("-u")
+                .arg(o.anchors.join("fail_once.py"))
+                .env("RANK", rank.to_string())
+                .env("TORCHELASTIC_RESTART_COUNT", "1")
+                .stdout(Stdio::piped())
+                .spawn()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut last = t0;
+    for child in children {
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let t = text
+            .split("t=")
+            .nth(1)
+            .and_then(|t| t.trim().parse::<f64>().ok())
+            .context("worker timestamp")?;
+        last = last.max(t);
+    }
+    Ok(Duration::from_secs_f64(last - t0))
+}
+
 fn time_restart(o: &Options, launcher: Launcher) -> anyhow::Result<Duration> {
     let out = command(o, launcher, "fail_once.py", &["--max-restarts", "1"])
         .output()
@@ -160,11 +207,10 @@ fn time_restart(o: &Options, launcher: Launcher) -> anyhow::Result<Duration> {
 fn restart_gap(stdout: &str, nproc: u32) -> anyhow::Result<Duration> {
     let mut failed_at = None;
     let mut restarted = Vec::new();
-    for line in stdout.lines() {
-        let Some(rest) = line.split("rank ").nth(1) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
+    // torchrun's workers share its terminal unprefixed, so their lines can run into each other:
+    // split on the records themselves, not on lines.
+    for record in stdout.split("rank ").skip(1) {
+        let fields: Vec<&str> = record.split_whitespace().take(6).collect();
         let [rank, "attempt", attempt, "pid", _, t] = fields.as_slice() else {
             continue;
         };
@@ -193,8 +239,9 @@ mod tests {
 
     #[test]
     fn reads_the_gap_from_worker_timestamps() {
-        let out = "[default1]:rank 1 attempt 0 pid 10 t=100.000\nrank 0 attempt 0 pid 9 t=100.001\n\
-                   rank 0 attempt 1 pid 11 t=100.020\n[default1]:rank 1 attempt 1 pid 12 t=100.030\n";
+        let out =
+            "[default1]:rank 1 attempt 0 pid 10 t=100.000\nrank 0 attempt 0 pid 9 t=100.001\n\
+                   rank 0 attempt 1 pid 11 t=100.020rank 1 attempt 1 pid 12 t=100.030\n";
         let gap = restart_gap(out, 2).expect("gap");
         assert!((gap.as_secs_f64() - 0.030).abs() < 1e-6, "{gap:?}");
         assert!(restart_gap("rank 0 attempt 1 pid 1 t=1.0\n", 2).is_err());
