@@ -200,3 +200,52 @@ fn pet_booleans_are_integers_as_in_torchrun() {
     let off = dump(cmd, &["--rdzv-id", "fixed", "--master-port", "29533"]);
     assert_eq!(off[&0]["env"]["TORCHELASTIC_RUN_ID"], "fixed");
 }
+
+#[test]
+fn module_no_python_and_run_path_entrypoints_run_the_worker() {
+    // -m: the module is found from the working directory, as with `python -m`.
+    let mut cmd = ferrun();
+    cmd.current_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers"));
+    cmd.args(["--nproc-per-node", "2", "-m", "envdump"]);
+    let out = run(cmd, LIMIT);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("[default1]:ENV ") && stdout.contains(r#"["-u", "-m", "envdump"]"#),
+        "{stdout}"
+    );
+
+    // --no-python: any program, here a shell reading the contract.
+    let mut cmd = ferrun();
+    cmd.args([
+        "--nproc-per-node",
+        "2",
+        "--no-python",
+        "sh",
+        "-c",
+        "echo rank=$RANK of $WORLD_SIZE",
+    ]);
+    let out = run(cmd, LIMIT);
+    let (stdout, _) = text(&out);
+    assert!(
+        stdout.contains("[default0]:rank=0 of 2") && stdout.contains("[default1]:rank=1 of 2"),
+        "{stdout}"
+    );
+
+    // --run-path: runpy.run_path as __main__, with the script's own arguments.
+    let mut cmd = ferrun();
+    cmd.args([
+        "--nproc-per-node",
+        "1",
+        "--run-path",
+        &worker("envdump.py"),
+        "--flag",
+    ]);
+    let out = run(cmd, LIMIT);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("[default0]:ENV ") && stdout.contains("\"--flag\"]"),
+        "{stdout}"
+    );
+}
