@@ -9,10 +9,10 @@
 //! during the grace period kills at once.
 
 use std::io;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use ferrun_collective::store::{StoreError, StoreServer};
 use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -59,9 +59,9 @@ pub enum AgentError {
     /// A handled signal could not be installed.
     #[error("cannot handle {0}: {1}")]
     Signal(Signal, io::Error),
-    /// No free port for the workers' store.
-    #[error("cannot find a free TCP port for MASTER_PORT: {0}")]
-    Port(io::Error),
+    /// The agent store cannot be hosted.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// A worker could not be started.
     #[error("cannot start the workers: {0}")]
     Spawn(io::Error),
@@ -82,15 +82,17 @@ pub async fn run(config: &LaunchConfig) -> Result<RunResult, AgentError> {
     let layout =
         LogLayout::create(config.log_dir.as_deref(), &config.run_id).map_err(AgentError::Logs)?;
     let mut signals = listen(&config.signals)?;
+    // The agent hosts the store the workers bootstrap through (TORCHELASTIC_USE_AGENT_STORE):
+    // bound here and kept, so no other process can take MASTER_PORT before the workers use it.
+    let store = StoreServer::bind_any(config.master_port.unwrap_or(0))?;
+    let port = store.local_addr().port();
     let mut restart_count = 0;
     loop {
         let attempt_dir = layout
             .prepare_attempt(restart_count, config.local_world_size)
             .map_err(AgentError::Logs)?;
-        let port = match config.master_port {
-            Some(p) => p,
-            None => free_port().map_err(AgentError::Port)?,
-        };
+        // A restarted group must not read the keys of the attempt before it.
+        store.clear();
         let mut group = WorkerGroup::start(config, restart_count, port, &attempt_dir)
             .map_err(AgentError::Spawn)?;
         tracing::debug!(
@@ -201,12 +203,6 @@ fn summary_rows(group: &WorkerGroup, stop_started: Instant, restarts: u32) -> Ve
             restarts,
         })
         .collect()
-}
-
-/// A port that is free now. The rank-0 worker binds it a moment later, so another process could
-/// take it in between; the agent store (which the launcher binds itself) removes that window.
-fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind(("0.0.0.0", 0))?.local_addr()?.port())
 }
 
 fn listen(signals: &[Signal]) -> Result<mpsc::UnboundedReceiver<Signal>, AgentError> {

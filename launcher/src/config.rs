@@ -114,7 +114,7 @@ pub struct LaunchConfig {
     pub max_restarts: u32,
     /// `MASTER_ADDR` for the workers.
     pub master_addr: String,
-    /// `MASTER_PORT` for the workers; `None`: a free port, chosen per attempt.
+    /// `MASTER_PORT` for the workers (the agent store's port); `None`: a free port.
     pub master_port: Option<u16>,
     /// The worker command: program then arguments, `${local_rank}` still unexpanded.
     pub command: Vec<String>,

@@ -47,8 +47,8 @@ pub fn worker_env(config: &LaunchConfig, at: Placement, error_file: &Path) -> Wo
         restart_count: at.restart_count,
         max_restarts: config.max_restarts,
         run_id: config.run_id.clone(),
-        // The rank-0 worker hosts the store on MASTER_PORT until the agent store exists.
-        use_agent_store: false,
+        // The agent hosts the store on MASTER_PORT; every worker connects to it as a client.
+        use_agent_store: true,
         error_file: error_file.to_path_buf(),
         nccl_async_error_handling: config.nccl_async_error_handling.clone(),
         omp_num_threads: config.set_omp_num_threads.then_some(1),

@@ -36,13 +36,11 @@ fn dump(mut launcher: std::process::Command, flags: &[&str]) -> BTreeMap<u32, Va
         .collect()
 }
 
-/// Values that legitimately differ between two runs: ids, ports and paths. `TORCHELASTIC_USE_AGENT_STORE`
-/// differs too until ferrun hosts the agent store (torchrun: True; ferrun: False, rank 0 hosts it).
-const PER_RUN: [&str; 4] = [
+/// Values that legitimately differ between two runs: ids, ports and paths.
+const PER_RUN: [&str; 3] = [
     "TORCHELASTIC_RUN_ID",
     "MASTER_PORT",
     "TORCHELASTIC_ERROR_FILE",
-    "TORCHELASTIC_USE_AGENT_STORE",
 ];
 
 fn assert_same_contract(flags: &[&str]) {
@@ -81,8 +79,7 @@ fn assert_same_contract(flags: &[&str]) {
             path.ends_with(&suffix) && path.contains(&format!("/{run_id}_")),
             "{path}"
         );
-        assert_eq!(o["env"]["TORCHELASTIC_USE_AGENT_STORE"], "False");
-        assert_eq!(t["env"]["TORCHELASTIC_USE_AGENT_STORE"], "True");
+        assert_eq!(o["env"]["TORCHELASTIC_USE_AGENT_STORE"], "True");
     }
 }
 

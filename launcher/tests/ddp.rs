@@ -42,3 +42,28 @@ fn ddp_trains_and_every_rank_ends_with_the_same_parameters() {
         );
     }
 }
+
+#[test]
+fn a_restarted_gloo_group_rendezvouses_again_on_the_agent_store() {
+    let mut cmd = ferrun();
+    cmd.args([
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--shutdown-timeout",
+        "2",
+    ])
+    .arg(support::worker("gloo_restart.py"));
+    let out = run(cmd, Duration::from_secs(55));
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for rank in [0, 1] {
+        assert!(
+            stdout.contains(&format!(
+                "[default{rank}]:attempt 1 rank {rank} sum 3 expected 3"
+            )),
+            "{stdout}"
+        );
+    }
+}
