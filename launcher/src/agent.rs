@@ -16,11 +16,15 @@ use ferrun_collective::store::{StoreError, StoreServer};
 use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::config::LaunchConfig;
 use crate::group::{Exit, WorkerGroup};
 use crate::logs::LogLayout;
+use crate::netif;
+use crate::rendezvous::{Peers, RemoteFailure, RendezvousError, StaticSpec};
 use crate::report::{self, Failure, SummaryRow};
+use crate::worker::Bootstrap;
 
 /// How long worker output may stay open after the workers have exited (a grandchild may hold
 /// the pipe); past it, the launcher stops waiting for that output.
@@ -35,6 +39,8 @@ pub enum Outcome {
     Failed(Vec<Failure>),
     /// The launcher was asked to stop by this signal.
     Signaled(Signal),
+    /// Another node's workers failed (its summary) and no restart was left.
+    FailedElsewhere(String),
 }
 
 /// The end of a run: how it ended, and a summary row per worker of the last attempt.
@@ -65,12 +71,36 @@ pub enum AgentError {
     /// A worker could not be started.
     #[error("cannot start the workers: {0}")]
     Spawn(io::Error),
+    /// The nodes could not come together.
+    #[error(transparent)]
+    Rendezvous(#[from] RendezvousError),
+}
+
+impl RunResult {
+    fn nothing_ran(outcome: Outcome, layout: &LogLayout) -> Self {
+        Self {
+            outcome,
+            rows: Vec::new(),
+            restarts: 0,
+            log_dir: layout.run_dir().to_path_buf(),
+        }
+    }
 }
 
 enum Event {
     AllSucceeded,
     Failed,
     Signal(Signal),
+    /// Another node's group failed (its agent's summary), or the agent store was lost.
+    Remote(String),
+}
+
+/// Where the workers' store lives, and who the other agents are.
+enum Topology {
+    /// One node: this agent hosts the store.
+    Single(StoreServer),
+    /// Several nodes, joined through node 0's store.
+    Multi(Box<Peers>),
 }
 
 /// Runs the job described by `config` to its end.
@@ -82,51 +112,131 @@ pub async fn run(config: &LaunchConfig) -> Result<RunResult, AgentError> {
     let layout =
         LogLayout::create(config.log_dir.as_deref(), &config.run_id).map_err(AgentError::Logs)?;
     let mut signals = listen(&config.signals)?;
-    // The agent hosts the store the workers bootstrap through (TORCHELASTIC_USE_AGENT_STORE):
-    // bound here and kept, so no other process can take MASTER_PORT before the workers use it.
-    let store = StoreServer::bind_any(config.master_port.unwrap_or(0))?;
-    let port = store.local_addr().port();
+    let (mut topology, boot) = match &config.nodes {
+        None => {
+            // The agent hosts the store the workers bootstrap through (TORCHELASTIC_USE_AGENT_STORE):
+            // bound here and kept, so no other process can take MASTER_PORT before the workers use it.
+            let store = StoreServer::bind_any(config.master_port.unwrap_or(0))?;
+            let boot = Bootstrap::single_node(config, store.local_addr().port());
+            (Topology::Single(store), boot)
+        }
+        Some(spec) => {
+            let peers = tokio::select! {
+                joined = Peers::join(spec.clone()) => joined?,
+                Some(sig) = signals.recv() => return Ok(RunResult::nothing_ran(Outcome::Signaled(sig), &layout)),
+            };
+            tracing::info!(
+                "node {} of {} joined at {}:{}: global ranks {}..{} of {}",
+                spec.node_rank,
+                spec.nnodes,
+                spec.master_addr,
+                spec.master_port,
+                peers.assignment.base_rank,
+                peers.assignment.base_rank + config.local_world_size,
+                peers.assignment.world_size
+            );
+            let boot = Bootstrap {
+                assignment: peers.assignment.clone(),
+                master_addr: spec.master_addr.clone(),
+                master_port: spec.master_port,
+                extra_env: socket_ifnames(spec, config.local_addr.as_deref()),
+            };
+            (Topology::Multi(Box::new(peers)), boot)
+        }
+    };
+    let result = attempts(config, &layout, &mut signals, &mut topology, &boot).await;
+    if let Topology::Multi(peers) = topology {
+        (*peers).leave().await;
+    }
+    result
+}
+
+async fn attempts(
+    config: &LaunchConfig,
+    layout: &LogLayout,
+    signals: &mut mpsc::UnboundedReceiver<Signal>,
+    topology: &mut Topology,
+    boot: &Bootstrap,
+) -> Result<RunResult, AgentError> {
     let mut restart_count = 0;
     loop {
         let attempt_dir = layout
             .prepare_attempt(restart_count, config.local_world_size)
             .map_err(AgentError::Logs)?;
-        // A restarted group must not read the keys of the attempt before it.
-        store.clear();
-        let mut group = WorkerGroup::start(config, restart_count, port, &attempt_dir)
+        let mut watch = match topology {
+            // A restarted group must not read the keys of the attempt before it.
+            Topology::Single(store) => {
+                store.clear();
+                None
+            }
+            Topology::Multi(peers) => tokio::select! {
+                watch = peers.begin_attempt(restart_count) => Some(watch?),
+                Some(sig) = signals.recv() => return Ok(RunResult::nothing_ran(Outcome::Signaled(sig), layout)),
+            },
+        };
+        let mut group = WorkerGroup::start(config, boot, restart_count, &attempt_dir)
             .map_err(AgentError::Spawn)?;
-        tracing::debug!(
-            attempt = restart_count,
-            master_port = port,
-            "workers started"
-        );
+        tracing::debug!(attempt = restart_count, "workers started");
         let mut exit_order = Vec::new();
-        let event = loop {
+        let mut event = loop {
             tokio::select! {
                 exit = group.next_exit() => match exit {
                     None => break Event::AllSucceeded,
                     Some(worker) => {
                         exit_order.push(worker.local_rank);
                         if worker.exit.is_some_and(|(e, _, _)| !e.is_success()) {
+                            if let (Topology::Multi(peers), Some(failure)) = (&mut *topology, Failure::of(worker, 0)) {
+                                let summary = describe(&failure, boot.assignment.group_rank);
+                                if let Err(e) = peers.publish_failure(restart_count, &summary).await {
+                                    tracing::warn!("cannot tell the other nodes about the failure: {e}");
+                                }
+                            }
                             break Event::Failed;
                         }
                     }
                 },
                 Some(sig) = signals.recv() => break Event::Signal(sig),
+                remote = remote_failure(&mut watch) => break Event::Remote(remote),
             }
         };
-        let stop_started = Instant::now();
-        let escalated = match event {
-            Event::AllSucceeded => None,
-            Event::Failed => {
-                group
-                    .stop(Signal::SIGTERM, config.shutdown_timeout, &mut signals)
-                    .await
+        if let (Event::AllSucceeded, Topology::Multi(peers)) = (&event, &mut *topology) {
+            // The exit barrier; a failure elsewhere meanwhile still restarts the job everywhere.
+            tokio::select! {
+                finished = peers.finish(restart_count) => match finished {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!("exit barrier timed out: some nodes did not finish"),
+                    Err(e) => tracing::warn!("exit barrier failed: {e}"),
+                },
+                remote = remote_failure(&mut watch) => event = Event::Remote(remote),
             }
+        }
+        if let Some(w) = &watch {
+            w.abort();
+        }
+        let stop_started = Instant::now();
+        let (escalated, remote) = match event {
+            Event::AllSucceeded => (None, None),
+            Event::Failed => (
+                group
+                    .stop(Signal::SIGTERM, config.shutdown_timeout, signals)
+                    .await,
+                None,
+            ),
             Event::Signal(sig) => {
                 tracing::warn!("received {sig}: forwarding it to the workers");
-                group.stop(sig, config.shutdown_timeout, &mut signals).await;
-                Some(sig)
+                group.stop(sig, config.shutdown_timeout, signals).await;
+                (Some(sig), None)
+            }
+            Event::Remote(summary) => {
+                tracing::warn!(
+                    "the job failed on another node ({summary}): stopping this node's workers"
+                );
+                (
+                    group
+                        .stop(Signal::SIGTERM, config.shutdown_timeout, signals)
+                        .await,
+                    Some(summary),
+                )
             }
         };
         group.drain_output(OUTPUT_DRAIN_BOUND).await;
@@ -141,24 +251,84 @@ pub async fn run(config: &LaunchConfig) -> Result<RunResult, AgentError> {
         if let Some(sig) = escalated {
             return Ok(result(Outcome::Signaled(sig)));
         }
-        if failures.is_empty() {
+        if failures.is_empty() && remote.is_none() {
             return Ok(result(Outcome::Succeeded));
         }
         if restart_count >= config.max_restarts {
-            return Ok(result(Outcome::Failed(failures)));
+            return Ok(result(match remote {
+                Some(summary) if failures.is_empty() => Outcome::FailedElsewhere(summary),
+                _ => Outcome::Failed(failures),
+            }));
         }
         restart_count += 1;
-        if let Some(root) = report::root_cause(&failures) {
-            tracing::warn!(
-                "worker group failed: rank {} (local_rank {}, pid {}) exited with {}; restarting it ({restart_count}/{} restarts)",
-                root.rank,
-                root.local_rank,
-                root.pid,
-                exit_words(root.exit),
-                config.max_restarts
-            );
-        }
+        let cause = match (report::root_cause(&failures), remote) {
+            (Some(root), _) => describe(root, boot.assignment.group_rank),
+            (None, Some(summary)) => summary,
+            (None, None) => "unknown".to_owned(),
+        };
+        tracing::warn!(
+            "worker group failed: {cause}; restarting it ({restart_count}/{} restarts)",
+            config.max_restarts
+        );
     }
+}
+
+/// Completes when another node reports a failure; never without a watch (single node).
+async fn remote_failure(watch: &mut Option<JoinHandle<RemoteFailure>>) -> String {
+    match watch {
+        None => std::future::pending().await,
+        Some(handle) => match handle.await {
+            Ok(Ok(summary)) => summary,
+            Ok(Err(e)) => format!("lost the agent store, so node 0 is gone or unreachable: {e}"),
+            Err(e) => format!("the failure watch ended: {e}"),
+        },
+    }
+}
+
+/// One line naming a failed worker, for the other nodes and the log.
+fn describe(f: &Failure, node_rank: u32) -> String {
+    let host = nix::unistd::gethostname()
+        .map_or_else(|_| "?".into(), |h| h.to_string_lossy().into_owned());
+    let message = f
+        .error
+        .as_ref()
+        .map(|e| format!(": {}", e.message))
+        .unwrap_or_default();
+    format!(
+        "rank {} (node {node_rank}, host {host}, local_rank {}, pid {}) exited with {}{message}",
+        f.rank,
+        f.local_rank,
+        f.pid,
+        exit_words(f.exit)
+    )
+}
+
+/// `GLOO_SOCKET_IFNAME`/`NCCL_SOCKET_IFNAME` for the interface that reaches the master (or
+/// holds `--local-addr`), unless the user set them.
+fn socket_ifnames(spec: &StaticSpec, local_addr: Option<&str>) -> Vec<(String, String)> {
+    let chosen = match local_addr {
+        Some(addr) => netif::resolve(addr, 0)
+            .map(|a| a.ip())
+            .and_then(netif::interface_with),
+        None => netif::resolve(&spec.master_addr, spec.master_port)
+            .and_then(netif::source_address)
+            .and_then(netif::interface_with),
+    };
+    let ifname = match chosen {
+        Ok(name) => name,
+        Err(e) => {
+            tracing::warn!("cannot tell which interface reaches the master ({e}); leaving GLOO_SOCKET_IFNAME unset");
+            return Vec::new();
+        }
+    };
+    ["GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"]
+        .into_iter()
+        .filter(|var| std::env::var_os(var).is_none())
+        .map(|var| {
+            tracing::info!("{var}={ifname} (the interface that reaches the master)");
+            (var.to_owned(), ifname.clone())
+        })
+        .collect()
 }
 
 fn exit_words(exit: Exit) -> String {

@@ -13,6 +13,7 @@ use nix::sys::signal::Signal;
 use crate::cli::{Args, Flavor};
 use crate::logs::{parse_ranks_filter, LogSpecError, StdSpec};
 use crate::nproc::{self, Devices, NprocError};
+use crate::rendezvous::StaticSpec;
 
 /// A launch configuration that cannot work, said in the user's terms.
 #[derive(Debug, thiserror::Error)]
@@ -20,9 +21,14 @@ pub enum ConfigError {
     /// `--nnodes` is not `N` or `MIN:MAX` with `0 < MIN <= MAX`.
     #[error("--nnodes {0:?} is not valid: use N or MIN:MAX with 0 < MIN <= MAX (e.g. 2 or 1:4)")]
     Nnodes(String),
-    /// More than one node was asked for.
-    #[error("--nnodes {0}: ferrun runs single-node jobs so far; multi-node rendezvous is not built yet. Launch with --nnodes 1 (or --standalone)")]
-    MultiNode(String),
+    /// A multi-node launch ferrun cannot do yet.
+    #[error("--nnodes {nnodes} with {what}: ferrun's multi-node rendezvous is static so far; use --rdzv-backend static (the default) with --nnodes N, --node-rank, --master-addr and --master-port")]
+    MultiNode {
+        /// `--nnodes` as given.
+        nnodes: String,
+        /// What was asked for.
+        what: String,
+    },
     /// `--node-rank` does not fit `--nnodes`.
     #[error(
         "--node-rank {node_rank} is out of range: with --nnodes {nnodes} it must be below {nnodes}"
@@ -54,7 +60,7 @@ pub enum ConfigError {
     /// `--signals-to-handle` names a signal no process can catch.
     #[error("--signals-to-handle: {0} cannot be caught by any process, so it cannot be forwarded; leave it out")]
     Unhandleable(String),
-    /// The shutdown timeout is negative or not a number.
+    /// A timeout is negative or not a number.
     #[error("{0} is not valid: use a number of seconds >= 0")]
     ShutdownTimeout(String),
     /// Two flags that exclude each other.
@@ -112,6 +118,10 @@ pub struct LaunchConfig {
     pub run_id: String,
     /// `--max-restarts`.
     pub max_restarts: u32,
+    /// Several nodes: the static rendezvous; `None` for a single node.
+    pub nodes: Option<StaticSpec>,
+    /// `--local-addr`.
+    pub local_addr: Option<String>,
     /// `MASTER_ADDR` for the workers.
     pub master_addr: String,
     /// `MASTER_PORT` for the workers (the agent store's port); `None`: a free port.
@@ -188,9 +198,21 @@ impl LaunchConfig {
         args: &Args,
         env: &dyn Environment,
     ) -> Result<Self, ConfigError> {
-        let (_, max_nodes) = parse_nnodes(&args.nnodes)?;
-        if max_nodes > 1 {
-            return Err(ConfigError::MultiNode(args.nnodes.clone()));
+        let (min_nodes, max_nodes) = parse_nnodes(&args.nnodes)?;
+        let multi_node = |what: String| ConfigError::MultiNode {
+            nnodes: args.nnodes.clone(),
+            what,
+        };
+        if max_nodes > 1 && min_nodes != max_nodes {
+            return Err(multi_node(
+                "an elastic range (needs the c10d rendezvous)".into(),
+            ));
+        }
+        if max_nodes > 1 && args.standalone {
+            return Err(multi_node("--standalone (a single-node mode)".into()));
+        }
+        if max_nodes > 1 && args.rdzv_backend != "static" {
+            return Err(multi_node(format!("--rdzv-backend {}", args.rdzv_backend)));
         }
         if args.node_rank >= max_nodes {
             return Err(ConfigError::NodeRank {
@@ -201,7 +223,7 @@ impl LaunchConfig {
         if !["static", "c10d", "etcd", "etcd-v2"].contains(&args.rdzv_backend.as_str()) {
             return Err(ConfigError::Backend(args.rdzv_backend.clone()));
         }
-        parse_rdzv_conf(&args.rdzv_conf)?;
+        let rdzv_conf = parse_rdzv_conf(&args.rdzv_conf)?;
         let (local_world_size, nproc_note) =
             nproc::resolve(&args.nproc_per_node, || env.devices())?;
 
@@ -234,6 +256,34 @@ impl LaunchConfig {
             (addr, None, args.rdzv_id.clone())
         };
 
+        let nodes = if max_nodes > 1 {
+            let conf = |key: &str| {
+                rdzv_conf
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.as_str())
+            };
+            let join_timeout = match conf("join_timeout").or(conf("timeout")) {
+                Some(v) => seconds("--rdzv-conf join_timeout", v)?,
+                None => Duration::from_secs(600),
+            };
+            let exit_timeout = match conf("exit_barrier_timeout") {
+                Some(v) => seconds("--rdzv-conf exit_barrier_timeout", v)?,
+                None => Duration::from_secs(300),
+            };
+            Some(StaticSpec {
+                nnodes: max_nodes,
+                node_rank: args.node_rank,
+                master_addr: master_addr.clone(),
+                master_port: master_port.unwrap_or(29500),
+                run_id: run_id.clone(),
+                local_world_size,
+                join_timeout,
+                exit_timeout,
+            })
+        } else {
+            None
+        };
         let (command, script_name) = build_command(flavor, args, env)?;
         let output = OutputConfig {
             redirects: StdSpec::parse("--redirects", &args.redirects)?,
@@ -258,6 +308,8 @@ impl LaunchConfig {
             role: args.role.clone(),
             run_id,
             max_restarts: args.max_restarts,
+            nodes,
+            local_addr: args.local_addr.clone(),
             master_addr,
             master_port,
             command,
@@ -578,7 +630,23 @@ mod tests {
             ),
             (&["--nnodes", "1:2:3", "train.py"], "--nnodes"),
             (&["--nnodes", "0", "train.py"], "--nnodes"),
-            (&["--nnodes", "2", "train.py"], "single-node jobs so far"),
+            (&["--nnodes", "1:2", "train.py"], "elastic range"),
+            (
+                &["--nnodes", "2", "--standalone", "train.py"],
+                "--standalone",
+            ),
+            (
+                &["--nnodes", "2", "--rdzv-backend", "c10d", "train.py"],
+                "--rdzv-backend c10d",
+            ),
+            (
+                &["--nnodes", "2", "--node-rank", "2", "train.py"],
+                "--node-rank 2 is out of range",
+            ),
+            (
+                &["--nnodes", "2", "--rdzv-conf", "join_timeout=x", "train.py"],
+                "join_timeout",
+            ),
             (
                 &["--node-rank", "1", "train.py"],
                 "--node-rank 1 is out of range",

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::config::LaunchConfig;
 use crate::logs::worker_files;
 use crate::output::{self, Console, Duplicate, Sink};
-use crate::worker::{self, Piped, Placement};
+use crate::worker::{self, Bootstrap, Piped};
 
 /// How a worker process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,14 +75,15 @@ pub struct WorkerGroup {
 }
 
 impl WorkerGroup {
-    /// Starts `local_world_size` workers for attempt `restart_count` in `attempt_dir`.
+    /// Starts `local_world_size` workers for attempt `restart_count` in `attempt_dir`, placed as
+    /// `boot` says.
     ///
     /// # Errors
     /// A worker cannot be started; those already started are killed before returning.
     pub fn start(
         config: &LaunchConfig,
+        boot: &Bootstrap,
         restart_count: u32,
-        master_port: u16,
         attempt_dir: &Path,
     ) -> io::Result<Self> {
         let (tx, exits) = mpsc::unbounded_channel();
@@ -106,11 +107,8 @@ impl WorkerGroup {
         for local_rank in 0..config.local_world_size {
             if let Err(e) = group.start_one(
                 config,
-                Placement {
-                    local_rank,
-                    restart_count,
-                    master_port,
-                },
+                boot,
+                (local_rank, restart_count),
                 attempt_dir,
                 &duplicates,
                 &tx,
@@ -125,25 +123,26 @@ impl WorkerGroup {
     fn start_one(
         &mut self,
         config: &LaunchConfig,
-        at: Placement,
+        boot: &Bootstrap,
+        (local_rank, restart_count): (u32, u32),
         attempt_dir: &Path,
         duplicates: &[Option<Duplicate>; 2],
         tx: &mpsc::UnboundedSender<(usize, Exit, Instant, SystemTime)>,
     ) -> io::Result<()> {
-        let [stdout_log, stderr_log, error_file] = worker_files(attempt_dir, at.local_rank);
-        let env = worker::worker_env(config, at, &error_file);
+        let [stdout_log, stderr_log, error_file] = worker_files(attempt_dir, local_rank);
+        let env = worker::worker_env(config, boot, local_rank, restart_count, &error_file);
         let out = &config.output;
-        let redirect = out.redirects.for_rank(at.local_rank);
-        let tee = out.tee.for_rank(at.local_rank);
+        let redirect = out.redirects.for_rank(local_rank);
+        let tee = out.tee.for_rank(local_rank);
         let shown = out
             .ranks_filter
             .as_ref()
-            .is_none_or(|f| f.contains(&at.local_rank));
+            .is_none_or(|f| f.contains(&local_rank));
         let prefix = output::prefix(
             out.prefix_template.as_deref(),
             &config.role,
             env.rank,
-            at.local_rank,
+            local_rank,
         );
         // Per stream: (to file, to console, piped through the launcher).
         let route = |to_file: bool, redirected: bool, dup: &Option<Duplicate>| {
@@ -166,6 +165,7 @@ impl WorkerGroup {
         let mut child = worker::spawn(
             config,
             &env,
+            &boot.extra_env,
             Piped {
                 stdout: streams[0].2,
                 stderr: streams[1].2,
@@ -207,7 +207,7 @@ impl WorkerGroup {
             let _ = tx.send((index, exit, Instant::now(), SystemTime::now()));
         });
         self.workers.push(Worker {
-            local_rank: at.local_rank,
+            local_rank,
             rank: env.rank,
             pid,
             started: Instant::now(),

@@ -14,6 +14,9 @@
 //! - [`output`]: worker output, line by line, prefixed, to console and files.
 //! - [`logs`]: `--redirects`, `--tee`, `--log-dir` and torchrun's log layout.
 //! - [`error_file`]: torchrun's `TORCHELASTIC_ERROR_FILE` JSON.
+//! - [`rendezvous`]: static multi-node rendezvous over the agent store, and the agents'
+//!   coordination per attempt (barrier, failure propagation, exit barrier).
+//! - [`netif`]: the network interface that reaches the master (for Gloo and NCCL).
 //! - [`agent`]: the supervision loop: restarts and signals.
 //! - [`report`]: the failure report and the summary table.
 
@@ -23,7 +26,9 @@ pub mod config;
 pub mod error_file;
 pub mod group;
 pub mod logs;
+pub mod netif;
 pub mod nproc;
 pub mod output;
+pub mod rendezvous;
 pub mod report;
 pub mod worker;

@@ -92,6 +92,10 @@ fn run(config: &LaunchConfig) -> anyhow::Result<u8> {
                 1
             }
         }
+        Outcome::FailedElsewhere(summary) => {
+            eprintln!("ferrun: the job failed on another node: {summary}\nferrun: this node's workers were stopped; that node's report has the traceback");
+            1
+        }
         Outcome::Signaled(sig) => {
             eprintln!("ferrun: stopped by {sig}");
             if config.propagate_exit_code {

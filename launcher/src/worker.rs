@@ -15,36 +15,63 @@ use ferrun_collective::WorkerEnv;
 use tokio::process::{Child, Command};
 
 use crate::config::LaunchConfig;
+use crate::rendezvous::Assignment;
 
 /// Replaced by the worker's local rank in the script's arguments (torchrun's macro).
 pub const LOCAL_RANK_MACRO: &str = "${local_rank}";
 
-/// Where one worker sits in the job.
-#[derive(Debug, Clone, Copy)]
-pub struct Placement {
-    /// Rank within this node.
-    pub local_rank: u32,
-    /// Restarts so far.
-    pub restart_count: u32,
-    /// `MASTER_PORT` of this attempt.
+/// What every worker of this node shares: its place in the job and the store to bootstrap through.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    /// This node's place in the job.
+    pub assignment: Assignment,
+    /// `MASTER_ADDR`: where the agent store is.
+    pub master_addr: String,
+    /// `MASTER_PORT`: the agent store's port.
     pub master_port: u16,
+    /// Further variables for the workers (e.g. `GLOO_SOCKET_IFNAME`).
+    pub extra_env: Vec<(String, String)>,
 }
 
-/// The contract for one worker of a single-node job.
-pub fn worker_env(config: &LaunchConfig, at: Placement, error_file: &Path) -> WorkerEnv {
+impl Bootstrap {
+    /// A single-node job whose agent store listens on `master_port`.
+    pub fn single_node(config: &LaunchConfig, master_port: u16) -> Self {
+        Self {
+            assignment: Assignment {
+                group_rank: 0,
+                group_world_size: 1,
+                base_rank: 0,
+                world_size: config.local_world_size,
+            },
+            master_addr: config.master_addr.clone(),
+            master_port,
+            extra_env: Vec::new(),
+        }
+    }
+}
+
+/// The contract for local rank `local_rank` in attempt `restart_count`.
+pub fn worker_env(
+    config: &LaunchConfig,
+    boot: &Bootstrap,
+    local_rank: u32,
+    restart_count: u32,
+    error_file: &Path,
+) -> WorkerEnv {
+    let a = &boot.assignment;
     WorkerEnv {
-        rank: at.local_rank,
-        local_rank: at.local_rank,
-        world_size: config.local_world_size,
+        rank: a.base_rank + local_rank,
+        local_rank,
+        world_size: a.world_size,
         local_world_size: config.local_world_size,
-        group_rank: 0,
-        group_world_size: 1,
+        group_rank: a.group_rank,
+        group_world_size: a.group_world_size,
         role_name: config.role.clone(),
-        role_rank: at.local_rank,
-        role_world_size: config.local_world_size,
-        master_addr: config.master_addr.clone(),
-        master_port: at.master_port,
-        restart_count: at.restart_count,
+        role_rank: a.base_rank + local_rank,
+        role_world_size: a.world_size,
+        master_addr: boot.master_addr.clone(),
+        master_port: boot.master_port,
+        restart_count,
         max_restarts: config.max_restarts,
         run_id: config.run_id.clone(),
         // The agent hosts the store on MASTER_PORT; every worker connects to it as a client.
@@ -68,7 +95,12 @@ pub struct Piped {
 ///
 /// # Errors
 /// The program cannot be started (not found, not executable).
-pub fn spawn(config: &LaunchConfig, env: &WorkerEnv, piped: Piped) -> io::Result<Child> {
+pub fn spawn(
+    config: &LaunchConfig,
+    env: &WorkerEnv,
+    extra_env: &[(String, String)],
+    piped: Piped,
+) -> io::Result<Child> {
     let local_rank = env.local_rank.to_string();
     let mut args = config
         .command
@@ -78,7 +110,10 @@ pub fn spawn(config: &LaunchConfig, env: &WorkerEnv, piped: Piped) -> io::Result
         .next()
         .ok_or_else(|| io::Error::other("empty worker command"))?;
     let mut command = Command::new(&program);
-    command.args(args).envs(env.to_env());
+    command
+        .args(args)
+        .envs(extra_env.iter().map(|(k, v)| (k, v)))
+        .envs(env.to_env());
     if config.virtual_local_rank {
         command
             .env("LOCAL_RANK", "0")

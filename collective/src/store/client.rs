@@ -91,6 +91,16 @@ impl StoreClient {
         self
     }
 
+    /// The namespace this client's keys live in, as the server sees it (e.g. `/run1/`).
+    pub fn namespace(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Changes the timeout that bounds every call (and `get`'s wait).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// The address of the store.
     pub fn addr(&self) -> &str {
         &self.addr

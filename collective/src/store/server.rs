@@ -235,6 +235,13 @@ impl StoreServer {
         state.queues.clear();
     }
 
+    /// Forgets every key and queue except those under `keep` (the agents' own namespace).
+    pub fn clear_except(&self, keep: &str) {
+        let mut state = self.shared.lock();
+        state.data.retain(|k, _| k.starts_with(keep));
+        state.queues.retain(|k, _| k.starts_with(keep));
+    }
+
     /// The number of keys held.
     pub fn len(&self) -> usize {
         self.shared.lock().data.len()
