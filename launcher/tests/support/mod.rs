@@ -179,3 +179,4 @@ pub fn run_child(child: Child, limit: Duration) -> Output {
         }
     }
 }
+pub mod netns;
