@@ -19,21 +19,7 @@ fn dump(mut launcher: std::process::Command, flags: &[&str]) -> BTreeMap<u32, Va
     let out = run(launcher, LIMIT);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "launcher failed:\n{stdout}\n{stderr}");
-    stdout
-        .lines()
-        .filter_map(|l| l.split_once("ENV ").map(|(_, json)| json))
-        .map(|json| {
-            let v: Value = serde_json::from_str(json).expect("json");
-            (
-                v["env"]["RANK"]
-                    .as_str()
-                    .expect("RANK")
-                    .parse()
-                    .expect("int"),
-                v,
-            )
-        })
-        .collect()
+    support::env_records(&stdout)
 }
 
 /// Values that legitimately differ between two runs: ids, ports and paths.

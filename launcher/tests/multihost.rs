@@ -13,13 +13,31 @@ const LIMIT: Duration = Duration::from_secs(50);
 
 fn node(hosts: &Hosts, rank: usize, master: &str, extra: &[&str], script: &[String]) -> Command {
     let mut cmd = ferrun();
-    cmd.env_remove("GLOO_SOCKET_IFNAME").env_remove("NCCL_SOCKET_IFNAME");
-    cmd.args(["--nnodes", "2", "--node-rank", &rank.to_string(), "--nproc-per-node", "2"])
-        .args(["--master-addr", master, "--master-port", "29561", "--rdzv-id", "mh"])
-        .args(extra)
-        .args(script);
+    cmd.env_remove("GLOO_SOCKET_IFNAME")
+        .env_remove("NCCL_SOCKET_IFNAME");
+    cmd.args([
+        "--nnodes",
+        "2",
+        "--node-rank",
+        &rank.to_string(),
+        "--nproc-per-node",
+        "2",
+    ])
+    .args([
+        "--master-addr",
+        master,
+        "--master-port",
+        "29561",
+        "--rdzv-id",
+        "mh",
+    ])
+    .args(extra)
+    .args(script);
     let mut wrapped = hosts.on(rank, &cmd);
-    wrapped.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    wrapped
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
     wrapped
 }
 
@@ -38,7 +56,10 @@ fn two_hosts_all_reduce_and_a_late_node_0_is_waited_for() {
     std::thread::spawn(move || {
         use std::io::BufRead;
         let mut all = String::new();
-        for line in std::io::BufReader::new(node1_err).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(node1_err)
+            .lines()
+            .map_while(Result::ok)
+        {
             if line.contains("not reachable yet") {
                 let _ = tx.send(());
             }
@@ -47,15 +68,23 @@ fn two_hosts_all_reduce_and_a_late_node_0_is_waited_for() {
         }
         all
     });
-    rx.recv_timeout(LIMIT).expect("node 1 is waiting for node 0");
-    let node0 = node(&hosts, 0, &master, &conf, &script).spawn().expect("node 0");
+    rx.recv_timeout(LIMIT)
+        .expect("node 1 is waiting for node 0");
+    let node0 = node(&hosts, 0, &master, &conf, &script)
+        .spawn()
+        .expect("node 0");
     let out0 = run_child(node0, LIMIT);
     let out1 = run_child(node1, LIMIT);
     let (stdout0, stderr0) = text(&out0);
     let stdout1 = String::from_utf8_lossy(&out1.stdout);
     assert!(out0.status.success(), "node 0:\n{stdout0}\n{stderr0}");
     assert!(out1.status.success(), "node 1:\n{stdout1}");
-    for (rank, (out, ifname)) in [(0, (&stdout0, 0)), (1, (&stdout0, 0)), (2, (&stdout1.to_string(), 1)), (3, (&stdout1.to_string(), 1))] {
+    for (rank, (out, ifname)) in [
+        (0, (&stdout0, 0)),
+        (1, (&stdout0, 0)),
+        (2, (&stdout1.to_string(), 1)),
+        (3, (&stdout1.to_string(), 1)),
+    ] {
         let expected = format!("rank {rank} of 4 sum 10 ifname {}", hosts.ifnames[ifname]);
         assert!(out.contains(&expected), "missing {expected:?} in:\n{out}");
     }
@@ -64,25 +93,50 @@ fn two_hosts_all_reduce_and_a_late_node_0_is_waited_for() {
 #[test]
 fn a_wrong_master_address_fails_clearly_within_the_timeout() {
     let hosts = Hosts::new();
-    let wrong = hosts.addrs[1].rsplit_once('.').map(|(net, _)| format!("{net}.99")).expect("addr");
+    let wrong = hosts.addrs[1]
+        .rsplit_once('.')
+        .map(|(net, _)| format!("{net}.99"))
+        .expect("addr");
     let started = Instant::now();
-    let out = run_child(node(&hosts, 1, &wrong, &["--rdzv-conf", "join_timeout=3"], &[worker("output.py")]).spawn().expect("spawn"), LIMIT);
+    let out = run_child(
+        node(
+            &hosts,
+            1,
+            &wrong,
+            &["--rdzv-conf", "join_timeout=3"],
+            &[worker("output.py")],
+        )
+        .spawn()
+        .expect("spawn"),
+        LIMIT,
+    );
     let elapsed = started.elapsed();
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(elapsed < Duration::from_secs(15), "took {elapsed:?}");
-    assert!(stderr.contains(&format!("{wrong}:29561")) && stderr.contains("node 0"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{wrong}:29561")) && stderr.contains("node 0"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn a_worker_failure_on_node_1_ends_node_0s_group_too() {
     let hosts = Hosts::new();
     let master = hosts.addrs[0].clone();
-    let script = [worker("gloo_allreduce.py"), "--fail-rank".into(), "3".into()];
+    let script = [
+        worker("gloo_allreduce.py"),
+        "--fail-rank".into(),
+        "3".into(),
+    ];
     let extra = ["--rdzv-conf", "join_timeout=40", "--shutdown-timeout", "2"];
-    let mut node0 = node(&hosts, 0, &master, &extra, &script).spawn().expect("node 0");
+    let mut node0 = node(&hosts, 0, &master, &extra, &script)
+        .spawn()
+        .expect("node 0");
     let node0_lines = stdout_lines(&mut node0);
-    let node1 = node(&hosts, 1, &master, &extra, &script).spawn().expect("node 1");
+    let node1 = node(&hosts, 1, &master, &extra, &script)
+        .spawn()
+        .expect("node 1");
     // Node 0's ranks are blocked for good: only the failure report from node 1 ends them.
     wait_for_lines(&node0_lines, "waiting", 2, LIMIT);
     let started = Instant::now();
@@ -91,9 +145,142 @@ fn a_worker_failure_on_node_1_ends_node_0s_group_too() {
     let stderr0 = String::from_utf8_lossy(&out0.stderr);
     let stderr1 = String::from_utf8_lossy(&out1.stderr);
     assert_eq!(out1.status.code(), Some(1), "{stderr1}");
-    let root = stderr1.split("Root Cause").nth(1).expect("node 1 reports the root cause");
-    assert!(root.contains("rank      : 3 (local_rank: 1)") && root.contains("exitcode  : 5"), "{root}");
+    let root = stderr1
+        .split("Root Cause")
+        .nth(1)
+        .expect("node 1 reports the root cause");
+    assert!(
+        root.contains("rank      : 3 (local_rank: 1)") && root.contains("exitcode  : 5"),
+        "{root}"
+    );
     assert_eq!(out0.status.code(), Some(1), "{stderr0}");
-    assert!(stderr0.contains("failed on another node") && stderr0.contains("rank 3 (node 1"), "{stderr0}");
-    assert!(started.elapsed() < Duration::from_secs(20), "node 0 took {:?} to stop", started.elapsed());
+    assert!(
+        stderr0.contains("failed on another node") && stderr0.contains("rank 3 (node 1"),
+        "{stderr0}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "node 0 took {:?} to stop",
+        started.elapsed()
+    );
+}
+
+/// Each rank's `{env, argv}` from envdump.py run on both hosts by `launcher` (ferrun or torchrun).
+fn contract_on_two_hosts(
+    hosts: &Hosts,
+    torchrun: bool,
+) -> std::collections::BTreeMap<u32, serde_json::Value> {
+    let master = hosts.addrs[0].clone();
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            let mut cmd = if torchrun {
+                support::torchrun()
+            } else {
+                ferrun()
+            };
+            cmd.args([
+                "--nnodes",
+                "2",
+                "--node-rank",
+                &rank.to_string(),
+                "--nproc-per-node",
+                "2",
+            ])
+            .args([
+                "--master-addr",
+                &master,
+                "--master-port",
+                "29562",
+                "--rdzv-id",
+                "contract",
+            ])
+            .arg(worker("envdump.py"));
+            let mut wrapped = hosts.on(rank, &cmd);
+            wrapped
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .stdin(Stdio::null());
+            wrapped.spawn().expect("spawn")
+        })
+        .collect();
+    let mut ranks = std::collections::BTreeMap::new();
+    for child in children {
+        let out = run_child(child, LIMIT);
+        let (stdout, stderr) = text(&out);
+        assert!(
+            out.status.success(),
+            "torchrun={torchrun}:\n{stdout}\n{stderr}"
+        );
+        ranks.extend(support::env_records(&stdout));
+    }
+    ranks
+}
+
+#[test]
+fn the_env_contract_across_hosts_matches_torchrun() {
+    let hosts = Hosts::new();
+    let theirs = contract_on_two_hosts(&hosts, true);
+    let ours = contract_on_two_hosts(&hosts, false);
+    assert_eq!(theirs.len(), 4);
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    for (rank, t) in &theirs {
+        for (name, tv) in t["env"].as_object().expect("env") {
+            let ov = &ours[rank]["env"][name];
+            if name != "TORCHELASTIC_ERROR_FILE" {
+                assert_eq!(ov, tv, "rank {rank}: {name}");
+            } else {
+                assert!(
+                    ov.as_str().is_some_and(|p| p.ends_with("/error.json")),
+                    "{ov}"
+                );
+            }
+        }
+    }
+    assert_eq!(ours[&3]["env"]["GROUP_RANK"], "1");
+    assert_eq!(
+        ours[&3]["env"]["MASTER_ADDR"].as_str(),
+        Some(hosts.addrs[0].as_str())
+    );
+}
+
+#[test]
+fn a_port_in_use_on_node_0_is_named_with_the_fix() {
+    let hosts = Hosts::new();
+    let mut squatter = hosts.on(0, &{
+        let mut c = Command::new(support::venv().join("bin/python"));
+        c.args(["-c", "import socket,sys; s=socket.socket(); s.bind(('0.0.0.0', 29561)); s.listen(); print('bound', flush=True); sys.stdin.read()"]);
+        c
+    });
+    let mut squatter = squatter
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("squatter");
+    let lines = stdout_lines(&mut squatter);
+    wait_for_lines(&lines, "bound", 1, LIMIT);
+    let out = run_child(
+        node(
+            &hosts,
+            0,
+            &hosts.addrs[0].clone(),
+            &["--rdzv-conf", "join_timeout=3"],
+            &[worker("output.py")],
+        )
+        .spawn()
+        .expect("spawn"),
+        LIMIT,
+    );
+    drop(squatter.stdin.take());
+    let _ = squatter.wait();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("29561")
+            && stderr.contains("already in use")
+            && stderr.contains("--master-port"),
+        "{stderr}"
+    );
 }

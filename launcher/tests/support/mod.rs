@@ -180,3 +180,28 @@ pub fn run_child(child: Child, limit: Duration) -> Output {
     }
 }
 pub mod netns;
+
+/// The `ENV {json}` records envdump.py printed, by rank. torchrun's workers share its terminal
+/// unprefixed, so records can run into each other: each JSON value is read after its marker
+/// rather than line by line.
+pub fn env_records(stdout: &str) -> std::collections::BTreeMap<u32, serde_json::Value> {
+    stdout
+        .split("ENV ")
+        .skip(1)
+        .map(|record| {
+            let v: serde_json::Value = serde_json::Deserializer::from_str(record)
+                .into_iter()
+                .next()
+                .expect("a record")
+                .expect("json");
+            (
+                v["env"]["RANK"]
+                    .as_str()
+                    .expect("RANK")
+                    .parse()
+                    .expect("int"),
+                v,
+            )
+        })
+        .collect()
+}

@@ -17,8 +17,15 @@ pub struct Hosts {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Hosts {
@@ -39,20 +46,44 @@ impl Hosts {
             let _ = Command::new("ip").args(["netns", "del", name]).output();
             ip(&["netns", "add", name]);
         }
-        ip(&["link", "add", &ifnames[0], "type", "veth", "peer", "name", &ifnames[1]]);
+        ip(&[
+            "link",
+            "add",
+            &ifnames[0],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ifnames[1],
+        ]);
         for i in 0..2 {
             ip(&["link", "set", &ifnames[i], "netns", &names[i]]);
-            ip(&["-n", &names[i], "addr", "add", &format!("{}/24", addrs[i]), "dev", &ifnames[i]]);
+            ip(&[
+                "-n",
+                &names[i],
+                "addr",
+                "add",
+                &format!("{}/24", addrs[i]),
+                "dev",
+                &ifnames[i],
+            ]);
             ip(&["-n", &names[i], "link", "set", &ifnames[i], "up"]);
             ip(&["-n", &names[i], "link", "set", "lo", "up"]);
         }
-        Self { names, addrs, ifnames }
+        Self {
+            names,
+            addrs,
+            ifnames,
+        }
     }
 
     /// `command` run on host `i`.
     pub fn on(&self, i: usize, command: &Command) -> Command {
         let mut wrapped = Command::new("ip");
-        wrapped.args(["netns", "exec", &self.names[i]]).arg(command.get_program()).args(command.get_args());
+        wrapped
+            .args(["netns", "exec", &self.names[i]])
+            .arg(command.get_program())
+            .args(command.get_args());
         for (k, v) in command.get_envs() {
             match v {
                 Some(v) => wrapped.env(k, v),
