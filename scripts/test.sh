@@ -3,6 +3,10 @@
 # ferrun, torchrun and torch processes. Installs what it needs (torch 2.13.0 in a reused venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The multi-host tests build hosts from network namespaces (iproute2; run as root, as CI does).
+if ! command -v ip >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq iproute2
+fi
 export FERRUN_VENV="$(scripts/setup-python.sh)"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

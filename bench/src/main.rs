@@ -1,10 +1,12 @@
 //! `ferrun-bench`: benchmarks that put ferrun beside its peers in one invocation.
 //!
 //! `ferrun-bench launcher` times torchrun and ferrun on the same jobs, interleaved, and prints
-//! min/median and the ratios. Collective benchmarks join as further subcommands.
+//! min/median and the ratios; `ferrun-bench store` loads ferrun's store server and torch's
+//! TCPStore server with the same clients. Collective benchmarks join as further subcommands.
 
 mod launcher;
 mod stats;
+mod store;
 
 use clap::{Parser, Subcommand};
 
@@ -22,10 +24,17 @@ struct Cli {
 enum Command {
     /// Launcher cost: a no-op job start to exit, and worker failure to restarted group running.
     Launcher(launcher::Options),
+    /// The agent store under load: ferrun's server beside torch's TCPStore server.
+    Store(store::Options),
+    /// Hosts a ferrun store server until stdin closes (the bench runs it as a peer process).
+    #[command(hide = true)]
+    StoreServer,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Launcher(options) => launcher::run(&options),
+        Command::Store(options) => store::run(&options),
+        Command::StoreServer => store::serve(),
     }
 }

@@ -45,8 +45,8 @@ impl State {
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) {
-        self.data.insert(key.clone(), value);
         self.wake_all(&key);
+        self.data.insert(key, value);
     }
 
     fn wake_all(&mut self, key: &str) {
