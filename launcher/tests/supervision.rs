@@ -32,7 +32,9 @@ fn a_failed_worker_is_restarted_once_and_the_run_succeeds() {
         );
     }
     assert!(
-        stderr.contains("rank 1 (local_rank 1") && stderr.contains("restarting it (1/1 restarts)"),
+        stderr.contains("rank 1 (node 0, host ")
+            && stderr.contains("local_rank 1, pid ")
+            && stderr.contains("exited with code 1; restarting it (1/1 restarts)"),
         "{stderr}"
     );
     // The summary table shows the restart for every rank.
