@@ -230,7 +230,8 @@ impl LaunchConfig {
         // torch 2.13 (run.py `run`): --standalone, and a single-node static launch given neither
         // an endpoint nor a master port, get a local store on a free port and a fresh run id.
         let standalone = args.standalone
-            || (args.rdzv_backend == "static"
+            || (max_nodes == 1
+                && args.rdzv_backend == "static"
                 && args.rdzv_endpoint.is_empty()
                 && args.master_port.is_none());
         let (master_addr, master_port, run_id) = if standalone {
@@ -685,6 +686,54 @@ mod tests {
             let err = launch(argv, &[]).expect_err("must fail").to_string();
             assert!(err.contains(expected), "{argv:?}: {err}");
         }
+    }
+
+    #[test]
+    fn multi_node_static_defaults_to_port_29500_and_the_given_run_id() {
+        let c = launch(
+            &[
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "1",
+                "--master-addr",
+                "10.0.0.1",
+                "train.py",
+            ],
+            &[],
+        )
+        .expect("ok");
+        let spec = c.nodes.expect("multi-node");
+        assert_eq!(
+            (spec.master_addr.as_str(), spec.master_port, spec.node_rank),
+            ("10.0.0.1", 29500, 1)
+        );
+        assert_eq!(
+            (c.run_id.as_str(), spec.join_timeout),
+            ("none", Duration::from_secs(600))
+        );
+        let c = launch(
+            &[
+                "--nnodes",
+                "2",
+                "--rdzv-conf",
+                "join_timeout=7",
+                "--rdzv-endpoint",
+                "h:1234",
+                "train.py",
+            ],
+            &[],
+        )
+        .expect("ok");
+        let spec = c.nodes.expect("multi-node");
+        assert_eq!(
+            (
+                spec.master_addr.as_str(),
+                spec.master_port,
+                spec.join_timeout
+            ),
+            ("h", 1234, Duration::from_secs(7))
+        );
     }
 
     #[test]

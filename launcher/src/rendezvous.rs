@@ -304,10 +304,17 @@ impl Peers {
             let _ = self.client.set("torchelastic/all_left", b"").await;
         }
         if self.server.is_some() {
-            let _ = self
+            // The others only need the store for the moment it takes them to read their last
+            // keys; an agent that died must not hold node 0 for the whole exit timeout.
+            let bound = self.spec.exit_timeout.min(Duration::from_secs(30));
+            if self
                 .client
-                .wait(&["torchelastic/all_left"], self.spec.exit_timeout)
-                .await;
+                .wait(&["torchelastic/all_left"], bound)
+                .await
+                .is_err()
+            {
+                tracing::warn!("not every node left within {bound:?}; shutting the store down");
+            }
         }
     }
 }

@@ -89,25 +89,16 @@ fn standalone_run_with_role_and_restarts_matches_torchrun() {
 #[test]
 fn static_run_with_master_port_matches_torchrun() {
     // OMP_NUM_THREADS is only set for nproc > 1: both launchers leave it unset here.
-    assert_same_contract(&[
+    const FLAGS: [&str; 6] = [
         "--nproc-per-node",
         "1",
         "--master-port",
         "29517",
         "--rdzv-id",
         "job-42",
-    ]);
-    let ours = dump(
-        ferrun(),
-        &[
-            "--nproc-per-node",
-            "1",
-            "--master-port",
-            "29517",
-            "--rdzv-id",
-            "job-42",
-        ],
-    );
+    ];
+    assert_same_contract(&FLAGS);
+    let ours = dump(ferrun(), &FLAGS);
     assert_eq!(ours[&0]["env"]["MASTER_PORT"], "29517");
     assert_eq!(ours[&0]["env"]["TORCHELASTIC_RUN_ID"], "job-42");
 }

@@ -11,8 +11,16 @@ use support::{ferrun, run_child, stdout_lines, text, wait_for_lines, worker};
 
 const LIMIT: Duration = Duration::from_secs(50);
 
-fn node(hosts: &Hosts, rank: usize, master: &str, extra: &[&str], script: &[String]) -> Command {
-    let mut cmd = ferrun();
+/// `launcher` run as node `rank` of a 2×2 job on its host, store on `master:port`.
+fn node_with(
+    launcher: Command,
+    hosts: &Hosts,
+    rank: usize,
+    (master, port): (&str, u16),
+    extra: &[&str],
+    script: &[String],
+) -> Command {
+    let mut cmd = launcher;
     cmd.env_remove("GLOO_SOCKET_IFNAME")
         .env_remove("NCCL_SOCKET_IFNAME");
     cmd.args([
@@ -27,7 +35,7 @@ fn node(hosts: &Hosts, rank: usize, master: &str, extra: &[&str], script: &[Stri
         "--master-addr",
         master,
         "--master-port",
-        "29561",
+        &port.to_string(),
         "--rdzv-id",
         "mh",
     ])
@@ -39,6 +47,11 @@ fn node(hosts: &Hosts, rank: usize, master: &str, extra: &[&str], script: &[Stri
         .stderr(Stdio::piped())
         .stdin(Stdio::null());
     wrapped
+}
+
+/// `ferrun` as node `rank`, store on `master:29561`.
+fn node(hosts: &Hosts, rank: usize, master: &str, extra: &[&str], script: &[String]) -> Command {
+    node_with(ferrun(), hosts, rank, (master, 29561), extra, script)
 }
 
 #[test]
@@ -173,34 +186,21 @@ fn contract_on_two_hosts(
     let master = hosts.addrs[0].clone();
     let children: Vec<_> = (0..2)
         .map(|rank| {
-            let mut cmd = if torchrun {
+            let launcher = if torchrun {
                 support::torchrun()
             } else {
                 ferrun()
             };
-            cmd.args([
-                "--nnodes",
-                "2",
-                "--node-rank",
-                &rank.to_string(),
-                "--nproc-per-node",
-                "2",
-            ])
-            .args([
-                "--master-addr",
-                &master,
-                "--master-port",
-                "29562",
-                "--rdzv-id",
-                "contract",
-            ])
-            .arg(worker("envdump.py"));
-            let mut wrapped = hosts.on(rank, &cmd);
-            wrapped
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .stdin(Stdio::null());
-            wrapped.spawn().expect("spawn")
+            node_with(
+                launcher,
+                hosts,
+                rank,
+                (&master, 29562),
+                &[],
+                &[worker("envdump.py")],
+            )
+            .spawn()
+            .expect("spawn")
         })
         .collect();
     let mut ranks = std::collections::BTreeMap::new();
