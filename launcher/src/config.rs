@@ -5,12 +5,15 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
 use crate::cli::{Args, Flavor};
+use crate::entrypoint::build_command;
+use crate::flags::{
+    comma_separated, parse_endpoint, parse_nnodes, parse_rdzv_conf, parse_signals, seconds,
+};
 use crate::logs::{parse_ranks_filter, LogSpecError, StdSpec};
 use crate::nproc::{self, Devices, NprocError};
 use crate::rendezvous::StaticSpec;
@@ -182,7 +185,7 @@ impl Environment for ProcessEnvironment {
     }
 }
 
-fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     path.metadata()
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -325,199 +328,6 @@ impl LaunchConfig {
             nccl_async_error_handling: env
                 .var("TORCH_NCCL_ASYNC_ERROR_HANDLING")
                 .unwrap_or_else(|| "1".to_owned()),
-        })
-    }
-}
-
-/// Parses `--nnodes`: `N` or `MIN:MAX`.
-///
-/// # Errors
-/// [`ConfigError::Nnodes`] unless `0 < MIN <= MAX`.
-pub fn parse_nnodes(value: &str) -> Result<(u32, u32), ConfigError> {
-    let bad = || ConfigError::Nnodes(value.to_owned());
-    let int = |s: &str| s.trim().parse::<u32>().map_err(|_| bad());
-    let (min, max) = match value.split(':').collect::<Vec<_>>().as_slice() {
-        [n] => (int(n)?, int(n)?),
-        [min, max] => (int(min)?, int(max)?),
-        _ => return Err(bad()),
-    };
-    if min == 0 || min > max {
-        return Err(bad());
-    }
-    Ok((min, max))
-}
-
-/// Parses `host[:port]`, `[v6]` or `[v6]:port` (torch's `parse_rendezvous_endpoint`).
-fn parse_endpoint(value: &str) -> Result<(String, Option<u16>), ConfigError> {
-    let bad = || ConfigError::Endpoint(value.to_owned());
-    let value_t = value.trim();
-    if value_t.is_empty() {
-        return Ok(("localhost".to_owned(), None));
-    }
-    let (host, port) = if let Some(rest) = value_t.strip_prefix('[') {
-        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
-        match after {
-            "" => (host, None),
-            p => (host, Some(p.strip_prefix(':').ok_or_else(bad)?)),
-        }
-    } else {
-        match value_t.rsplit_once(':') {
-            Some((h, p)) if !h.contains(':') => (h, Some(p)),
-            Some(_) => return Err(bad()),
-            None => (value_t, None),
-        }
-    };
-    let host_ok = !host.is_empty()
-        && host
-            .chars()
-            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '.' | ':' | '-' | '%'));
-    if !host_ok {
-        return Err(bad());
-    }
-    let port = match port {
-        None => None,
-        Some(p) if (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()) => {
-            Some(p.parse::<u16>().map_err(|_| bad())?)
-        }
-        Some(_) => return Err(bad()),
-    };
-    Ok((host.to_owned(), port))
-}
-
-fn parse_rdzv_conf(value: &str) -> Result<Vec<(String, String)>, ConfigError> {
-    if value.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    value
-        .split(',')
-        .map(|item| match item.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() && !v.trim().is_empty() => {
-                Ok((k.trim().to_owned(), v.trim().to_owned()))
-            }
-            _ => Err(ConfigError::RdzvConf(value.to_owned())),
-        })
-        .collect()
-}
-
-fn parse_signals(value: &str) -> Result<Vec<Signal>, ConfigError> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|name| match Signal::from_str(name) {
-            Ok(Signal::SIGKILL | Signal::SIGSTOP) => {
-                Err(ConfigError::Unhandleable(name.to_owned()))
-            }
-            Ok(sig) => Ok(sig),
-            Err(_) => Err(ConfigError::Signal(name.to_owned())),
-        })
-        .collect()
-}
-
-fn seconds(flag: &str, value: &str) -> Result<Duration, ConfigError> {
-    let bad = || ConfigError::ShutdownTimeout(format!("{flag} {value:?}"));
-    let secs: f64 = value.trim().parse().map_err(|_| bad())?;
-    Duration::try_from_secs_f64(secs).map_err(|_| bad())
-}
-
-/// Splits on `,`, with `,,` standing for a literal comma (torchrun's `comma_separated_list`).
-fn comma_separated(value: &str) -> Vec<String> {
-    let mut items = Vec::new();
-    let mut current = String::new();
-    let mut chars = value.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                current.push(',');
-            } else {
-                items.push(std::mem::take(&mut current));
-            }
-        } else {
-            current.push(c);
-        }
-    }
-    items.push(current);
-    items.into_iter().filter(|s| !s.is_empty()).collect()
-}
-
-/// The worker command line (torchrun's `config_from_args`), and the script's name.
-fn build_command(
-    flavor: Flavor,
-    args: &Args,
-    env: &dyn Environment,
-) -> Result<(Vec<String>, String), ConfigError> {
-    if args.module && args.no_python {
-        return Err(ConfigError::Conflict(
-            "-m/--module and --no-python exclude each other: -m runs a Python module, --no-python runs a program",
-        ));
-    }
-    if flavor == Flavor::LegacyLaunch && args.no_python && !args.use_env {
-        return Err(ConfigError::Conflict(
-            "ferrun launch --no-python needs --use-env: a program that is not Python cannot be handed --local-rank",
-        ));
-    }
-    let script = args.training_script().to_owned();
-    let mut command = Vec::new();
-    if args.run_path {
-        command.push(python(env)?);
-        command.extend(["-u".into(), "-c".into(), RUN_PATH_SHIM.into()]);
-        command.push(checked_script(&script, env)?);
-    } else if args.no_python {
-        let program = if script.contains('/') {
-            is_executable(&env.cwd().join(&script)).then(|| script.clone())
-        } else {
-            env.which(&script).map(|p| p.display().to_string())
-        };
-        command.push(program.ok_or_else(|| ConfigError::ProgramMissing {
-            what: "--no-python program",
-            name: script.clone(),
-            hint: "give a path to an executable file, or a program on PATH",
-        })?);
-    } else {
-        command.push(python(env)?);
-        command.push("-u".into());
-        if args.module {
-            command.extend(["-m".into(), script.clone()]);
-        } else {
-            command.push(checked_script(&script, env)?);
-        }
-    }
-    // torch.distributed.launch puts --local-rank before the script's own arguments.
-    if flavor == Flavor::LegacyLaunch && !args.use_env {
-        command.push(format!("--local-rank={}", crate::worker::LOCAL_RANK_MACRO));
-    }
-    command.extend(args.training_script_args().iter().cloned());
-    Ok((command, script))
-}
-
-/// torchrun's `--run-path`: run the script with `runpy.run_path` as `__main__`.
-const RUN_PATH_SHIM: &str =
-    "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')";
-
-fn python(env: &dyn Environment) -> Result<String, ConfigError> {
-    if let Some(exec) = env.var("PYTHON_EXEC").filter(|s| !s.is_empty()) {
-        return Ok(exec);
-    }
-    ["python3", "python"]
-        .into_iter()
-        .find_map(|p| env.which(p))
-        .map(|p| p.display().to_string())
-        .ok_or_else(|| ConfigError::ProgramMissing {
-            what: "Python interpreter",
-            name: "python3".into(),
-            hint: "put python3 on PATH, set PYTHON_EXEC, or use --no-python for other programs",
-        })
-}
-
-fn checked_script(script: &str, env: &dyn Environment) -> Result<String, ConfigError> {
-    let cwd = env.cwd();
-    if cwd.join(script).is_file() {
-        Ok(script.to_owned())
-    } else {
-        Err(ConfigError::ScriptMissing {
-            path: script.to_owned(),
-            cwd: cwd.display().to_string(),
         })
     }
 }
@@ -750,21 +560,5 @@ mod tests {
             launch(&["train.py"], &[]).expect("ok").shutdown_timeout,
             Duration::from_secs(30)
         );
-    }
-
-    #[test]
-    fn endpoints_and_filters_parse_like_torch() {
-        assert_eq!(
-            parse_endpoint("node1:29400").expect("ok"),
-            ("node1".into(), Some(29400))
-        );
-        assert_eq!(
-            parse_endpoint("[fe80::1%eth0]").expect("ok"),
-            ("fe80::1%eth0".into(), None)
-        );
-        assert!(parse_endpoint("a b:1").is_err());
-        assert_eq!(comma_separated("apple,or,,ange,"), ["apple", "or,ange"]);
-        assert_eq!(parse_nnodes("2").expect("ok"), (2, 2));
-        assert_eq!(parse_nnodes("1:4").expect("ok"), (1, 4));
     }
 }

@@ -8,6 +8,8 @@
 //! - [`cli`]: torchrun's flags (both spellings, `PET_*` defaults, the legacy `launch` form).
 //! - [`config`]: flags checked and resolved into a [`config::LaunchConfig`]; every user error
 //!   is found here, before a process starts.
+//! - [`flags`]: parsers for flag values (`--nnodes`, endpoints, `--rdzv-conf`, signals).
+//! - [`entrypoint`]: the worker's command line (`python -u`, `-m`, `--no-python`, `--run-path`).
 //! - [`nproc`]: `--nproc-per-node` as an integer, `cpu`, `gpu` or `auto`.
 //! - [`worker`]: one worker process: its environment and its binding to the launcher's life.
 //! - [`group`]: the workers of an attempt: exit events, stop with grace then SIGKILL.
@@ -23,7 +25,9 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod entrypoint;
 pub mod error_file;
+pub mod flags;
 pub mod group;
 pub mod logs;
 pub mod netif;
