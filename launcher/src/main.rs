@@ -57,7 +57,9 @@ fn run(config: &LaunchConfig) -> anyhow::Result<u8> {
         .build()
         .context("cannot start the async runtime")?;
     let started = std::time::Instant::now();
-    let result = runtime.block_on(agent::run(config))?;
+    let result = runtime.block_on(agent::run(config));
+    ferrun_launcher::output::flush_console(std::time::Duration::from_secs(2));
+    let result = result?;
     let host = nix::unistd::gethostname()
         .map_or_else(|_| "localhost".into(), |h| h.to_string_lossy().into_owned());
     eprint!("{}", report::summary_table(&result.rows, started.elapsed()));

@@ -55,16 +55,12 @@ impl Sink {
         prefixed.extend_from_slice(self.prefix.as_bytes());
         prefixed.extend_from_slice(line);
         with_newline(&mut prefixed);
-        // Output is best effort: a closed console must not take the training job down.
         if let Some((console, prefix)) = &self.console {
             let mut buf = Vec::with_capacity(prefix.len() + line.len() + 1);
             buf.extend_from_slice(prefix.as_bytes());
             buf.extend_from_slice(line);
             with_newline(&mut buf);
-            let _ = match console {
-                Console::Stdout => std::io::stdout().lock().write_all(&buf),
-                Console::Stderr => std::io::stderr().lock().write_all(&buf),
-            };
+            console_writer().send(Message::Line(*console, buf));
         }
         if let Some(file) = &mut self.file {
             let _ = file.write_all(line);
@@ -78,6 +74,56 @@ impl Sink {
             }
         }
     }
+}
+
+enum Message {
+    Line(Console, Vec<u8>),
+    Flushed(std::sync::mpsc::Sender<()>),
+}
+
+/// The console is written by a thread of its own: a terminal or pipe that stops reading then
+/// stalls only that thread, never the launcher's reaction to exits and signals.
+struct ConsoleWriter(std::sync::mpsc::Sender<Message>);
+
+impl ConsoleWriter {
+    fn send(&self, message: Message) {
+        let _ = self.0.send(message);
+    }
+}
+
+fn console_writer() -> &'static ConsoleWriter {
+    static WRITER: std::sync::OnceLock<ConsoleWriter> = std::sync::OnceLock::new();
+    WRITER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Message>();
+        let spawned = std::thread::Builder::new()
+            .name("ferrun-console".into())
+            .spawn(move || {
+                for message in rx {
+                    // Output is best effort: a closed console must not take the training job down.
+                    let _ = match message {
+                        Message::Line(Console::Stdout, buf) => {
+                            std::io::stdout().lock().write_all(&buf)
+                        }
+                        Message::Line(Console::Stderr, buf) => {
+                            std::io::stderr().lock().write_all(&buf)
+                        }
+                        Message::Flushed(done) => done.send(()).map_err(std::io::Error::other),
+                    };
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the console writer thread: {e}; worker output is lost");
+        }
+        ConsoleWriter(tx)
+    })
+}
+
+/// Waits (at most `bound`) until every line handed to the console so far is written, so that
+/// the launcher's own summary comes after the workers' output.
+pub fn flush_console(bound: std::time::Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    console_writer().send(Message::Flushed(tx));
+    let _ = rx.recv_timeout(bound);
 }
 
 /// Copies `reader` into `sink` line by line until end of file.

@@ -249,3 +249,45 @@ fn sigint_reaches_workers_that_do_not_trap_it() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_console_that_stops_reading_does_not_stall_failure_handling() {
+    // Rank 0 floods stdout (far past a pipe's buffer) and then idles; rank 1 fails. Nobody reads
+    // the launcher's stdout, yet it must notice rank 1, stop rank 0 and exit.
+    // Rank 1 fails only once rank 0's flood is through (a FIFO orders them, no timing).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("flooded");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let script = r#"if [ "$RANK" = 0 ]; then head -c 4000000 /dev/zero | tr '\0' 'x' | fold -w 100; echo done > "$FLOODED"; exec sleep 60; else read x < "$FLOODED"; exit 3; fi"#;
+    let mut cmd = ferrun();
+    cmd.env("FLOODED", &fifo);
+    cmd.args([
+        "--nproc-per-node",
+        "2",
+        "--shutdown-timeout",
+        "1",
+        "--no-python",
+        "sh",
+        "-c",
+        script,
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .stdin(Stdio::null());
+    let mut child = cmd.spawn().expect("spawn");
+    let _unread_stdout = child.stdout.take();
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+        let _ = tx.send(text);
+    });
+    let Ok(stderr) = rx.recv_timeout(LIMIT) else {
+        let _ = child.kill();
+        panic!("the launcher stalled on a console that is not read");
+    };
+    let status = child.wait().expect("status");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("exitcode  : 3"), "{stderr}");
+}
