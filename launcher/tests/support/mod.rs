@@ -139,16 +139,58 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
-/// Checks `pids` until none is alive or `limit` passes; returns those still alive.
+/// Waits until none of `pids` is alive or `limit` passes; returns those still alive. The
+/// processes are not our children, so this waits on pidfds, which become readable when a
+/// process ends.
+#[allow(unsafe_code)]
 pub fn survivors_after(pids: &[i32], limit: Duration) -> Vec<i32> {
+    use std::os::fd::{FromRawFd, OwnedFd};
     let deadline = Instant::now() + limit;
-    loop {
-        let left: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
-        if left.is_empty() || Instant::now() >= deadline {
-            return left;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor (or -1), which the
+    // OwnedFd then owns and closes.
+    let mut fds: Vec<(i32, OwnedFd)> = pids
+        .iter()
+        .filter_map(|&pid| {
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+            (fd >= 0).then(|| (pid, unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+        })
+        .collect();
+    while !fds.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        let mut polled: Vec<libc::pollfd> = fds
+            .iter()
+            .map(|(_, fd)| libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `polled` is a valid array of pollfd for its length during the call.
+        let ready = unsafe {
+            libc::poll(
+                polled.as_mut_ptr(),
+                polled.len() as libc::nfds_t,
+                left.as_millis() as i32,
+            )
+        };
+        if ready < 0 {
+            break;
+        }
+        let mut i = 0;
+        fds.retain(|_| {
+            let keep = polled[i].revents == 0;
+            i += 1;
+            keep
+        });
     }
+    // A zombie has ended too: it is only waiting to be reaped by its (new) parent.
+    fds.into_iter()
+        .map(|(pid, _)| pid)
+        .filter(|&pid| alive(pid))
+        .collect()
 }
 
 /// Kills processes left behind by a failed test so they do not outlive it.
