@@ -9,6 +9,8 @@
 //! The store, the communicator and the collective algorithms build on this contract.
 
 pub mod env;
+pub mod reduce;
+pub mod schedule;
 pub mod store;
 
 pub use env::{EnvError, WorkerEnv};
