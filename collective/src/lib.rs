@@ -1,16 +1,22 @@
 //! ferrun's communication layer.
 //!
 //! # Layout
-//! - [`store`]: the agent store, wire-compatible with torch's TCPStore.
 //! - [`env`]: the worker environment contract (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`,
 //!   `TORCHELASTIC_*`, …) that the launcher writes and every worker reads, written down once
 //!   as a typed struct.
-//!
-//! The store, the communicator and the collective algorithms build on this contract.
+//! - [`store`]: the agent store, wire-compatible with torch's TCPStore.
+//! - [`reduce`]: element types (f32, f64, f16, bf16, i32, i64, u8) and reductions (sum, prod,
+//!   min, max, avg), commutative to the bit.
+//! - [`schedule`]: pure communication schedules (ring, recursive doubling, binomial trees,
+//!   pairwise, dissemination), tested without sockets.
+//! - [`transport`]: how bytes move between two ranks; [`transport::mem`] runs ranks as threads.
+//! - [`comm`]: the communicator: every collective over any transport.
 
+pub mod comm;
 pub mod env;
 pub mod reduce;
 pub mod schedule;
 pub mod store;
+pub mod transport;
 
 pub use env::{EnvError, WorkerEnv};

@@ -61,7 +61,9 @@ mod sealed {
 }
 
 /// An element type of a collective: plain data of a fixed size with the reductions.
-pub trait Element: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static + sealed::Sealed {
+pub trait Element:
+    Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static + sealed::Sealed
+{
     /// The runtime tag of this type.
     const DTYPE: DType;
     /// The element's zero.
@@ -192,8 +194,14 @@ mod tests {
         assert_eq!(i64::combine(ReduceOp::Prod, -3, 4), -12);
         assert_eq!(u8::combine(ReduceOp::Min, 7, 3), 3);
         assert_eq!(i32::combine(ReduceOp::Max, -7, 3), 3);
-        assert_eq!(f16::combine(ReduceOp::Sum, f16::from_f32(1.0), f16::from_f32(0.5)), f16::from_f32(1.5));
-        assert_eq!(bf16::combine(ReduceOp::Max, bf16::from_f32(-1.0), bf16::from_f32(2.0)), bf16::from_f32(2.0));
+        assert_eq!(
+            f16::combine(ReduceOp::Sum, f16::from_f32(1.0), f16::from_f32(0.5)),
+            f16::from_f32(1.5)
+        );
+        assert_eq!(
+            bf16::combine(ReduceOp::Max, bf16::from_f32(-1.0), bf16::from_f32(2.0)),
+            bf16::from_f32(2.0)
+        );
         let mut avg = [6.0f64, 9.0];
         finish(ReduceOp::Avg, &mut avg, 3);
         assert_eq!(avg, [2.0, 3.0]);
@@ -204,11 +212,24 @@ mod tests {
 
     #[test]
     fn combination_is_commutative_bit_for_bit() {
-        let xs = [0.1f32, -3.7e-8, 1e30, f32::MIN_POSITIVE, -0.0, 0.0, f32::NAN, f32::INFINITY];
+        let xs = [
+            0.1f32,
+            -3.7e-8,
+            1e30,
+            f32::MIN_POSITIVE,
+            -0.0,
+            0.0,
+            f32::NAN,
+            f32::INFINITY,
+        ];
         for op in [ReduceOp::Sum, ReduceOp::Prod, ReduceOp::Min, ReduceOp::Max] {
             for a in xs {
                 for b in xs {
-                    assert_eq!(f32::combine(op, a, b).to_bits(), f32::combine(op, b, a).to_bits(), "{op:?} {a} {b}");
+                    assert_eq!(
+                        f32::combine(op, a, b).to_bits(),
+                        f32::combine(op, b, a).to_bits(),
+                        "{op:?} {a} {b}"
+                    );
                 }
             }
         }

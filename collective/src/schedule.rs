@@ -83,7 +83,10 @@ pub fn recursive_doubling(rank: usize, n: usize) -> Vec<DoublingStep> {
     let mut steps = Vec::new();
     // Ranks below 2·rem pair up: the even one folds into the odd one and sits out.
     if rank < 2 * rem && rank % 2 == 0 {
-        return vec![DoublingStep::Send(rank + 1), DoublingStep::RecvResult(rank + 1)];
+        return vec![
+            DoublingStep::Send(rank + 1),
+            DoublingStep::RecvResult(rank + 1),
+        ];
     }
     if rank < 2 * rem {
         steps.push(DoublingStep::RecvCombine(rank - 1));
@@ -147,7 +150,9 @@ pub fn reduce_tree(rank: usize, n: usize, root: usize) -> (Vec<usize>, Option<us
 
 /// All-to-all by pairwise exchange: at step `k` (1..n), send to `rank + k`, receive from `rank - k`.
 pub fn pairwise(rank: usize, n: usize) -> Vec<(usize, usize)> {
-    (1..n).map(|k| ((rank + k) % n, (rank + n - k) % n)).collect()
+    (1..n)
+        .map(|k| ((rank + k) % n, (rank + n - k) % n))
+        .collect()
 }
 
 /// Barrier by dissemination: at distance 1, 2, 4…, send to `rank + d`, receive from `rank - d`.
@@ -188,21 +193,30 @@ mod tests {
     fn ring_reduce_scatter_then_all_gather_reduces_everything_everywhere() {
         for n in 1..=9 {
             // held[r][c]: the ranks whose contribution rank r holds for chunk c.
-            let mut held: Contributions = (0..n).map(|r| (0..n).map(|_| BTreeSet::from([r])).collect()).collect();
+            let mut held: Contributions = (0..n)
+                .map(|r| (0..n).map(|_| BTreeSet::from([r])).collect())
+                .collect();
             for k in 0..n - 1 {
                 let sent: Vec<_> = (0..n).map(|r| ring_reduce_scatter(r, n)[k]).collect();
                 let snapshot = held.clone();
                 for r in 0..n {
                     let step = sent[r];
                     let from = sent[step.recv_from];
-                    assert_eq!((from.send_to, from.send_chunk), (r, step.recv_chunk), "n={n} k={k} r={r}");
+                    assert_eq!(
+                        (from.send_to, from.send_chunk),
+                        (r, step.recv_chunk),
+                        "n={n} k={k} r={r}"
+                    );
                     let incoming = snapshot[step.recv_from][step.recv_chunk].clone();
                     held[r][step.recv_chunk].extend(incoming);
                 }
             }
             let all: BTreeSet<usize> = (0..n).collect();
             for (r, h) in held.iter().enumerate() {
-                assert_eq!(h[r], all, "n={n}: rank {r} lacks contributions to its chunk");
+                assert_eq!(
+                    h[r], all,
+                    "n={n}: rank {r} lacks contributions to its chunk"
+                );
             }
             // All-gather: rank r owns chunk r; afterwards everyone has every chunk.
             let mut has: Vec<BTreeSet<usize>> = (0..n).map(|r| BTreeSet::from([r])).collect();
@@ -212,7 +226,10 @@ mod tests {
                     let step = ring_all_gather(r, n)[k];
                     let sender = ring_all_gather(step.recv_from, n)[k];
                     assert_eq!(sender.send_chunk, step.recv_chunk);
-                    assert!(snapshot[step.recv_from].contains(&step.recv_chunk), "n={n}: sent a chunk it lacks");
+                    assert!(
+                        snapshot[step.recv_from].contains(&step.recv_chunk),
+                        "n={n}: sent a chunk it lacks"
+                    );
                     h.insert(step.recv_chunk);
                 }
             }
@@ -231,18 +248,28 @@ mod tests {
                 let snapshot = held.clone();
                 let mut progressed = vec![false; n];
                 for r in 0..n {
-                    let Some(step) = plans[r].get(cursor[r]).copied() else { continue };
+                    let Some(step) = plans[r].get(cursor[r]).copied() else {
+                        continue;
+                    };
                     let peer_step = |p: usize| plans[p].get(cursor[p]).copied();
                     let ready = match step {
                         DoublingStep::Send(p) => peer_step(p) == Some(DoublingStep::RecvCombine(r)),
                         DoublingStep::RecvCombine(p) => peer_step(p) == Some(DoublingStep::Send(r)),
-                        DoublingStep::Exchange(p) => peer_step(p) == Some(DoublingStep::Exchange(r)),
-                        DoublingStep::RecvResult(p) => peer_step(p) == Some(DoublingStep::SendResult(r)),
-                        DoublingStep::SendResult(p) => peer_step(p) == Some(DoublingStep::RecvResult(r)),
+                        DoublingStep::Exchange(p) => {
+                            peer_step(p) == Some(DoublingStep::Exchange(r))
+                        }
+                        DoublingStep::RecvResult(p) => {
+                            peer_step(p) == Some(DoublingStep::SendResult(r))
+                        }
+                        DoublingStep::SendResult(p) => {
+                            peer_step(p) == Some(DoublingStep::RecvResult(r))
+                        }
                     };
                     if ready {
                         match step {
-                            DoublingStep::RecvCombine(p) | DoublingStep::Exchange(p) => held[r].extend(snapshot[p].iter()),
+                            DoublingStep::RecvCombine(p) | DoublingStep::Exchange(p) => {
+                                held[r].extend(snapshot[p].iter())
+                            }
                             DoublingStep::RecvResult(p) => held[r] = snapshot[p].clone(),
                             DoublingStep::Send(_) | DoublingStep::SendResult(_) => {}
                         }
@@ -254,7 +281,12 @@ mod tests {
                 }
             }
             for r in 0..n {
-                assert_eq!(cursor[r], plans[r].len(), "n={n}: rank {r} stuck at {:?}", plans[r].get(cursor[r]));
+                assert_eq!(
+                    cursor[r],
+                    plans[r].len(),
+                    "n={n}: rank {r} stuck at {:?}",
+                    plans[r].get(cursor[r])
+                );
                 assert_eq!(held[r].len(), n, "n={n}: rank {r} has {:?}", held[r]);
             }
         }

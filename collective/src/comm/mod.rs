@@ -1,0 +1,435 @@
+//! The communicator: collectives over any [`Transport`], driven by the pure [`schedule`]s.
+//!
+//! # Guarantees
+//! - Every rank ends an all-reduce, all-gather or broadcast with bitwise-identical buffers:
+//!   each chunk is reduced along one fixed order and then copied, and every combination is
+//!   commutative to the bit ([`crate::reduce`]).
+//! - Any world size, any element count (zero included).
+//! - No wait is unbounded: each receive has the communicator's deadline, and a peer that
+//!   sends nothing in time is named in the error.
+//!
+//! # Caveats
+//! All ranks must call the same collectives in the same order (as with Gloo and NCCL).
+//!
+//! [`schedule`]: crate::schedule
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::reduce::{combine_into, finish, from_bytes, to_bytes, Element, ReduceOp};
+use crate::schedule::{self, DoublingStep};
+use crate::transport::{Transport, TransportError};
+
+/// Tags at or above this bit belong to user `send`/`recv`; below, to collectives.
+const USER_TAG: u64 = 1 << 63;
+
+/// A collective that failed, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommError {
+    /// Moving bytes failed; the communicator must be rebuilt.
+    #[error("{op} on rank {rank}: {source}; this communicator must be rebuilt")]
+    Transport {
+        /// The collective.
+        op: &'static str,
+        /// This rank.
+        rank: usize,
+        /// What failed, naming the peer.
+        source: TransportError,
+    },
+    /// The arguments cannot work (caught before anything is sent).
+    #[error("{op}: {what}")]
+    Invalid {
+        /// The collective.
+        op: &'static str,
+        /// What is wrong and what is expected.
+        what: String,
+    },
+}
+
+/// Tuning of a communicator.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// How long any receive may wait for its peer.
+    pub deadline: Duration,
+    /// All-reduces of at most this many bytes use recursive doubling (fewer steps); larger
+    /// ones use the ring (less data per rank).
+    pub small_bytes: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(600),
+            small_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// A group of ranks that run collectives together.
+#[derive(Debug)]
+pub struct Communicator<T: Transport> {
+    transport: T,
+    options: Options,
+    sequence: AtomicU64,
+}
+
+impl<T: Transport> Communicator<T> {
+    /// A communicator over `transport`.
+    pub fn new(transport: T, options: Options) -> Self {
+        Self {
+            transport,
+            options,
+            sequence: AtomicU64::new(0),
+        }
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.transport.rank()
+    }
+
+    /// Number of ranks.
+    pub fn size(&self) -> usize {
+        self.transport.size()
+    }
+
+    /// The next collective's tag: all ranks count their collectives alike.
+    fn next_tag(&self) -> u64 {
+        self.sequence.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn exchange(
+        &self,
+        op: &'static str,
+        tag: u64,
+        send: Option<(usize, &[u8])>,
+        recv: Option<(usize, &mut [u8])>,
+    ) -> Result<(), CommError> {
+        self.transport
+            .exchange(tag, send, recv, self.options.deadline)
+            .map_err(|source| CommError::Transport {
+                op,
+                rank: self.rank(),
+                source,
+            })
+    }
+
+    fn check_root(&self, op: &'static str, root: usize) -> Result<(), CommError> {
+        if root < self.size() {
+            Ok(())
+        } else {
+            Err(CommError::Invalid {
+                op,
+                what: format!(
+                    "root {root} is not a rank of this {}-rank communicator",
+                    self.size()
+                ),
+            })
+        }
+    }
+
+    /// Reduces `buf` across all ranks, in place; every rank gets the result.
+    ///
+    /// # Errors
+    /// [`CommError::Transport`] naming the peer that failed.
+    pub fn all_reduce<E: Element>(&self, buf: &mut [E], op: ReduceOp) -> Result<(), CommError> {
+        let tag = self.next_tag();
+        let n = self.size();
+        if n > 1 {
+            if std::mem::size_of_val(buf) <= self.options.small_bytes {
+                self.doubling_all_reduce(tag, buf, op)?;
+            } else {
+                self.ring_reduce_scatter(tag, buf, op)?;
+                self.ring_all_gather("all_reduce", tag, buf)?;
+            }
+        }
+        finish(op, buf, n);
+        Ok(())
+    }
+
+    fn doubling_all_reduce<E: Element>(
+        &self,
+        tag: u64,
+        buf: &mut [E],
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        const OP: &str = "all_reduce";
+        let (mut out, mut inc) = (Vec::new(), vec![0u8; std::mem::size_of_val(buf)]);
+        let mut incoming = vec![E::ZERO; buf.len()];
+        for step in schedule::recursive_doubling(self.rank(), self.size()) {
+            to_bytes(buf, &mut out);
+            match step {
+                DoublingStep::Send(p) | DoublingStep::SendResult(p) => {
+                    self.exchange(OP, tag, Some((p, &out)), None)?
+                }
+                DoublingStep::RecvCombine(p) => {
+                    self.exchange(OP, tag, None, Some((p, &mut inc)))?;
+                    from_bytes(&inc, &mut incoming);
+                    combine_into(op, buf, &incoming);
+                }
+                DoublingStep::Exchange(p) => {
+                    self.exchange(OP, tag, Some((p, &out)), Some((p, &mut inc)))?;
+                    from_bytes(&inc, &mut incoming);
+                    combine_into(op, buf, &incoming);
+                }
+                DoublingStep::RecvResult(p) => {
+                    self.exchange(OP, tag, None, Some((p, &mut inc)))?;
+                    from_bytes(&inc, buf);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ring reduce-scatter in place: afterwards chunk `rank` of `buf` is fully reduced.
+    fn ring_reduce_scatter<E: Element>(
+        &self,
+        tag: u64,
+        buf: &mut [E],
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        let (n, len) = (self.size(), buf.len());
+        let (mut out, mut inc, mut incoming) = (Vec::new(), Vec::new(), Vec::new());
+        for step in schedule::ring_reduce_scatter(self.rank(), n) {
+            let (send, recv) = (
+                schedule::chunk(len, n, step.send_chunk),
+                schedule::chunk(len, n, step.recv_chunk),
+            );
+            to_bytes(&buf[send], &mut out);
+            inc.resize(recv.len() * E::DTYPE.size(), 0);
+            self.exchange(
+                "reduce_scatter",
+                tag,
+                Some((step.send_to, &out)),
+                Some((step.recv_from, &mut inc)),
+            )?;
+            incoming.resize(recv.len(), E::ZERO);
+            from_bytes(&inc, &mut incoming);
+            combine_into(op, &mut buf[recv], &incoming);
+        }
+        Ok(())
+    }
+
+    /// Ring all-gather in place: chunk `rank` of `buf` is this rank's; afterwards all are.
+    fn ring_all_gather<E: Element>(
+        &self,
+        op: &'static str,
+        tag: u64,
+        buf: &mut [E],
+    ) -> Result<(), CommError> {
+        let (n, len) = (self.size(), buf.len());
+        let (mut out, mut inc) = (Vec::new(), Vec::new());
+        for step in schedule::ring_all_gather(self.rank(), n) {
+            let (send, recv) = (
+                schedule::chunk(len, n, step.send_chunk),
+                schedule::chunk(len, n, step.recv_chunk),
+            );
+            to_bytes(&buf[send], &mut out);
+            inc.resize(recv.len() * E::DTYPE.size(), 0);
+            self.exchange(
+                op,
+                tag,
+                Some((step.send_to, &out)),
+                Some((step.recv_from, &mut inc)),
+            )?;
+            from_bytes(&inc, &mut buf[recv]);
+        }
+        Ok(())
+    }
+
+    /// Copies `root`'s `buf` to every rank.
+    ///
+    /// # Errors
+    /// [`CommError::Invalid`] for a root out of range; [`CommError::Transport`] naming a peer.
+    pub fn broadcast<E: Element>(&self, buf: &mut [E], root: usize) -> Result<(), CommError> {
+        const OP: &str = "broadcast";
+        self.check_root(OP, root)?;
+        let tag = self.next_tag();
+        let (parent, children) = schedule::broadcast_tree(self.rank(), self.size(), root);
+        let mut bytes = vec![0u8; std::mem::size_of_val(buf)];
+        if let Some(p) = parent {
+            self.exchange(OP, tag, None, Some((p, &mut bytes)))?;
+            from_bytes(&bytes, buf);
+        } else {
+            to_bytes(buf, &mut bytes);
+        }
+        for c in children {
+            self.exchange(OP, tag, Some((c, &bytes)), None)?;
+        }
+        Ok(())
+    }
+
+    /// Reduces every rank's `buf` into `root`'s; the other ranks' buffers are left as they were.
+    ///
+    /// # Errors
+    /// As [`Communicator::broadcast`].
+    pub fn reduce<E: Element>(
+        &self,
+        buf: &mut [E],
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<(), CommError> {
+        const OP: &str = "reduce";
+        self.check_root(OP, root)?;
+        let tag = self.next_tag();
+        let (children, parent) = schedule::reduce_tree(self.rank(), self.size(), root);
+        let mut acc = buf.to_vec();
+        let mut bytes = vec![0u8; std::mem::size_of_val(buf)];
+        let mut incoming = vec![E::ZERO; buf.len()];
+        for c in children {
+            self.exchange(OP, tag, None, Some((c, &mut bytes)))?;
+            from_bytes(&bytes, &mut incoming);
+            combine_into(op, &mut acc, &incoming);
+        }
+        match parent {
+            Some(p) => {
+                to_bytes(&acc, &mut bytes);
+                self.exchange(OP, tag, Some((p, &bytes)), None)?;
+            }
+            None => {
+                finish(op, &mut acc, self.size());
+                buf.copy_from_slice(&acc);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gathers every rank's `input` into `output` (rank order); `output` is `size × input` long.
+    ///
+    /// # Errors
+    /// [`CommError::Invalid`] for mismatched lengths; [`CommError::Transport`] naming a peer.
+    pub fn all_gather<E: Element>(&self, input: &[E], output: &mut [E]) -> Result<(), CommError> {
+        let (n, m) = (self.size(), input.len());
+        if output.len() != n * m {
+            return Err(CommError::Invalid {
+                op: "all_gather",
+                what: format!(
+                    "output holds {} elements; it must hold size × input = {n} × {m}",
+                    output.len()
+                ),
+            });
+        }
+        let tag = self.next_tag();
+        output[self.rank() * m..(self.rank() + 1) * m].copy_from_slice(input);
+        self.ring_all_gather("all_gather", tag, output)
+    }
+
+    /// Reduces `input` (`size` equal blocks) across ranks; rank `r` gets block `r` in `output`.
+    ///
+    /// # Errors
+    /// As [`Communicator::all_gather`].
+    pub fn reduce_scatter<E: Element>(
+        &self,
+        input: &[E],
+        output: &mut [E],
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        let (n, m) = (self.size(), output.len());
+        if input.len() != n * m {
+            return Err(CommError::Invalid {
+                op: "reduce_scatter",
+                what: format!(
+                    "input holds {} elements; it must hold size × output = {n} × {m}",
+                    input.len()
+                ),
+            });
+        }
+        let tag = self.next_tag();
+        let mut acc = input.to_vec();
+        self.ring_reduce_scatter(tag, &mut acc, op)?;
+        output.copy_from_slice(&acc[self.rank() * m..(self.rank() + 1) * m]);
+        finish(op, output, n);
+        Ok(())
+    }
+
+    /// Block `j` of this rank's `input` goes to rank `j`; block `i` of `output` comes from rank `i`.
+    ///
+    /// # Errors
+    /// [`CommError::Invalid`] unless both hold the same multiple of `size` elements.
+    pub fn all_to_all<E: Element>(&self, input: &[E], output: &mut [E]) -> Result<(), CommError> {
+        const OP: &str = "all_to_all";
+        let n = self.size();
+        if input.len() != output.len() || input.len() % n != 0 {
+            return Err(CommError::Invalid {
+                op: OP,
+                what: format!(
+                    "input ({}) and output ({}) must hold the same multiple of {n} elements",
+                    input.len(),
+                    output.len()
+                ),
+            });
+        }
+        let (m, r) = (input.len() / n, self.rank());
+        let tag = self.next_tag();
+        output[r * m..(r + 1) * m].copy_from_slice(&input[r * m..(r + 1) * m]);
+        let (mut out, mut inc) = (Vec::new(), vec![0u8; m * E::DTYPE.size()]);
+        for (to, from) in schedule::pairwise(r, n) {
+            to_bytes(&input[to * m..(to + 1) * m], &mut out);
+            self.exchange(OP, tag, Some((to, &out)), Some((from, &mut inc)))?;
+            from_bytes(&inc, &mut output[from * m..(from + 1) * m]);
+        }
+        Ok(())
+    }
+
+    /// Returns once every rank has called it.
+    ///
+    /// # Errors
+    /// [`CommError::Transport`] naming a rank that did not arrive in time.
+    pub fn barrier(&self) -> Result<(), CommError> {
+        let tag = self.next_tag();
+        for (to, from) in schedule::dissemination(self.rank(), self.size()) {
+            self.exchange("barrier", tag, Some((to, &[])), Some((from, &mut [])))?;
+        }
+        Ok(())
+    }
+
+    /// Sends `buf` to `peer` under a user `tag`.
+    ///
+    /// # Errors
+    /// [`CommError::Invalid`] for a peer that is this rank or out of range.
+    pub fn send<E: Element>(&self, buf: &[E], peer: usize, tag: u32) -> Result<(), CommError> {
+        self.check_peer("send", peer)?;
+        let mut bytes = Vec::new();
+        to_bytes(buf, &mut bytes);
+        self.exchange(
+            "send",
+            USER_TAG | u64::from(tag),
+            Some((peer, &bytes)),
+            None,
+        )
+    }
+
+    /// Receives into `buf` what `peer` sent under `tag` (the sizes must agree).
+    ///
+    /// # Errors
+    /// As [`Communicator::send`], and [`CommError::Transport`] on timeout or a size mismatch.
+    pub fn recv<E: Element>(&self, buf: &mut [E], peer: usize, tag: u32) -> Result<(), CommError> {
+        self.check_peer("recv", peer)?;
+        let mut bytes = vec![0u8; std::mem::size_of_val(buf)];
+        self.exchange(
+            "recv",
+            USER_TAG | u64::from(tag),
+            None,
+            Some((peer, &mut bytes)),
+        )?;
+        from_bytes(&bytes, buf);
+        Ok(())
+    }
+
+    fn check_peer(&self, op: &'static str, peer: usize) -> Result<(), CommError> {
+        if peer < self.size() && peer != self.rank() {
+            Ok(())
+        } else {
+            Err(CommError::Invalid {
+                op,
+                what: format!(
+                    "peer {peer} must be another rank of this {}-rank communicator",
+                    self.size()
+                ),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

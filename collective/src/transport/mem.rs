@@ -1,0 +1,102 @@
+//! Ranks as threads of one process, exchanging through shared mailboxes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{Transport, TransportError};
+
+type Mailboxes = HashMap<(usize, usize, u64), VecDeque<Vec<u8>>>;
+
+#[derive(Debug, Default)]
+struct Shared {
+    boxes: Mutex<Mailboxes>,
+    arrived: Condvar,
+}
+
+/// One rank's end of an in-process network.
+#[derive(Debug, Clone)]
+pub struct MemTransport {
+    rank: usize,
+    size: usize,
+    shared: Arc<Shared>,
+}
+
+impl MemTransport {
+    /// An in-process network of `size` ranks; element `r` is rank `r`'s end.
+    pub fn network(size: usize) -> Vec<Self> {
+        let shared = Arc::new(Shared::default());
+        (0..size)
+            .map(|rank| Self {
+                rank,
+                size,
+                shared: Arc::clone(&shared),
+            })
+            .collect()
+    }
+}
+
+impl Transport for MemTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn exchange(
+        &self,
+        tag: u64,
+        send: Option<(usize, &[u8])>,
+        recv: Option<(usize, &mut [u8])>,
+        deadline: Duration,
+    ) -> Result<(), TransportError> {
+        let lock = || {
+            self.shared
+                .boxes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some((peer, bytes)) = send {
+            lock()
+                .entry((self.rank, peer, tag))
+                .or_default()
+                .push_back(bytes.to_vec());
+            self.shared.arrived.notify_all();
+        }
+        let Some((peer, out)) = recv else {
+            return Ok(());
+        };
+        let until = Instant::now() + deadline;
+        let mut boxes = lock();
+        loop {
+            if let Some(message) = boxes
+                .get_mut(&(peer, self.rank, tag))
+                .and_then(VecDeque::pop_front)
+            {
+                if message.len() != out.len() {
+                    return Err(TransportError::Size {
+                        peer,
+                        expected: out.len(),
+                        got: message.len(),
+                    });
+                }
+                out.copy_from_slice(&message);
+                return Ok(());
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(TransportError::Timeout {
+                    peer,
+                    after: deadline,
+                });
+            }
+            boxes = self
+                .shared
+                .arrived
+                .wait_timeout(boxes, left)
+                .map_or_else(|e| e.into_inner().0, |(b, _)| b);
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Transports: how bytes move between two ranks. The algorithms see only [`Transport`].
+//!
+//! - [`mem`]: ranks as threads of one process (the test harness, gloo's `spawn` pattern).
+//!
+//! TCP (across hosts) and shared memory (within a host) implement the same trait.
+
+use std::time::Duration;
+
+pub mod mem;
+
+/// A failure to move bytes, naming the peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    /// Nothing arrived from the peer within the deadline.
+    #[error(
+        "rank {peer} sent nothing within {after:?} (dead, hung, or calling a different collective)"
+    )]
+    Timeout {
+        /// The peer waited for.
+        peer: usize,
+        /// The deadline.
+        after: Duration,
+    },
+    /// The peer's message has another size than the one expected.
+    #[error("rank {peer} sent {got} bytes where {expected} were expected (the ranks passed different counts or dtypes)")]
+    Size {
+        /// The peer.
+        peer: usize,
+        /// Bytes expected.
+        expected: usize,
+        /// Bytes received.
+        got: usize,
+    },
+    /// The link to the peer is gone.
+    #[error("the link to rank {peer} is broken: {reason}")]
+    Broken {
+        /// The peer.
+        peer: usize,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Tagged point-to-point messages between the ranks of one communicator.
+///
+/// Messages between two ranks with the same tag arrive in the order they were sent.
+pub trait Transport: Send + Sync {
+    /// This rank.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn size(&self) -> usize;
+    /// Sends `send` (if any) to its peer and receives from another peer into `recv` (if any),
+    /// both at once, so that a ring step never waits on itself.
+    ///
+    /// # Errors
+    /// [`TransportError`] naming the peer; the communicator must then be rebuilt.
+    fn exchange(
+        &self,
+        tag: u64,
+        send: Option<(usize, &[u8])>,
+        recv: Option<(usize, &mut [u8])>,
+        deadline: Duration,
+    ) -> Result<(), TransportError>;
+}
