@@ -101,6 +101,15 @@ impl StoreClient {
         self.timeout = timeout;
     }
 
+    /// This end's address of the store connection: an address of the interface that reaches
+    /// the store's host.
+    ///
+    /// # Errors
+    /// The socket's address cannot be read.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.stream.get_ref().local_addr()
+    }
+
     /// The address of the store.
     pub fn addr(&self) -> &str {
         &self.addr

@@ -1,12 +1,14 @@
 //! Transports: how bytes move between two ranks. The algorithms see only [`Transport`].
 //!
 //! - [`mem`]: ranks as threads of one process (the test harness, gloo's `spawn` pattern).
+//! - [`tcp`]: one TCP connection per pair of ranks, bootstrapped through the store.
 //!
-//! TCP (across hosts) and shared memory (within a host) implement the same trait.
+//! Shared memory (within a host) will implement the same trait.
 
 use std::time::Duration;
 
 pub mod mem;
+pub mod tcp;
 
 /// A failure to move bytes, naming the peer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

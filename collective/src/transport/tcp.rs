@@ -1,0 +1,379 @@
+//! TCP between ranks: one connection per pair of ranks, bootstrapped through the store.
+//!
+//! Each message is a frame `tag: u64, len: u64` (little-endian) and the payload. An exchange
+//! drives its send and its receive together on non-blocking sockets with `poll`, so a ring
+//! step never deadlocks on full socket buffers, and nothing waits past the deadline. Frames
+//! from a peer that carry another tag than the one awaited are kept for their own receive.
+//!
+//! # Bootstrap
+//! Every rank listens on an ephemeral port of the address its store connection uses (the
+//! interface that reaches the master), publishes `addr/<rank>`, then connects to every lower
+//! rank and accepts every higher one; a connection opens with the connecting rank's number.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::{Transport, TransportError};
+use crate::store::{StoreClient, StoreError};
+
+const HEADER: usize = 16;
+
+/// Why the mesh could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// The store failed (addresses are exchanged through it).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A socket operation failed.
+    #[error("cannot {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug)]
+struct Link {
+    stream: TcpStream,
+    /// Frames already read whose tag no receive has asked for yet.
+    early: HashMap<u64, VecDeque<Vec<u8>>>,
+}
+
+/// One rank's end of a TCP full mesh.
+#[derive(Debug)]
+pub struct TcpTransport {
+    rank: usize,
+    size: usize,
+    /// `links[peer]`; `None` for this rank.
+    links: Vec<Option<Mutex<Link>>>,
+}
+
+impl TcpTransport {
+    /// Builds the mesh: publishes this rank's address under `store` and connects to every peer.
+    ///
+    /// # Errors
+    /// [`BootstrapError`] naming the store or socket operation that failed.
+    pub async fn connect(
+        store: &mut StoreClient,
+        rank: usize,
+        size: usize,
+        timeout: Duration,
+    ) -> Result<Self, BootstrapError> {
+        let io = |what: String| move |source| BootstrapError::Io { what, source };
+        let ip = store
+            .local_addr()
+            .map_err(io("read the store connection's address".into()))?
+            .ip();
+        let listener = TcpListener::bind((ip, 0)).map_err(io(format!("listen on {ip}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(io("read the listener's address".into()))?;
+        store
+            .set(&format!("addr/{rank}"), addr.to_string().as_bytes())
+            .await?;
+        let mut links: Vec<Option<Mutex<Link>>> = (0..size).map(|_| None).collect();
+        for (peer, slot) in links.iter_mut().enumerate().take(rank) {
+            let text =
+                String::from_utf8_lossy(&store.get(&format!("addr/{peer}")).await?).into_owned();
+            let peer_addr: SocketAddr = text.parse().map_err(|_| BootstrapError::Io {
+                what: format!("parse rank {peer}'s address {text:?}"),
+                source: ErrorKind::InvalidData.into(),
+            })?;
+            let mut stream = TcpStream::connect_timeout(&peer_addr, timeout)
+                .map_err(io(format!("connect to rank {peer} at {peer_addr}")))?;
+            stream
+                .write_all(&(rank as u64).to_le_bytes())
+                .map_err(io(format!("greet rank {peer}")))?;
+            *slot = Some(Mutex::new(
+                Link::new(stream).map_err(io(format!("set up the link to rank {peer}")))?,
+            ));
+        }
+        for _ in rank + 1..size {
+            let (mut stream, from) = accept_within(&listener, timeout)
+                .map_err(io(format!("accept the ranks above {rank}")))?;
+            let mut hello = [0u8; 8];
+            stream
+                .set_read_timeout(Some(timeout))
+                .map_err(io("configure a link".into()))?;
+            stream
+                .read_exact(&mut hello)
+                .map_err(io(format!("read the greeting from {from}")))?;
+            let peer = u64::from_le_bytes(hello) as usize;
+            if peer <= rank || peer >= size || links[peer].is_some() {
+                return Err(BootstrapError::Io {
+                    what: format!("accept {from}: it claims to be rank {peer}"),
+                    source: ErrorKind::InvalidData.into(),
+                });
+            }
+            links[peer] = Some(Mutex::new(
+                Link::new(stream).map_err(io(format!("set up the link to rank {peer}")))?,
+            ));
+        }
+        Ok(Self { rank, size, links })
+    }
+
+    fn link(&self, peer: usize) -> Result<MutexGuard<'_, Link>, TransportError> {
+        let link = self
+            .links
+            .get(peer)
+            .and_then(Option::as_ref)
+            .ok_or(TransportError::Broken {
+                peer,
+                reason: "no such peer".into(),
+            })?;
+        Ok(link
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
+fn accept_within(
+    listener: &TcpListener,
+    timeout: Duration,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((stream, from)) => {
+                stream.set_nonblocking(false)?;
+                return Ok((stream, from));
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(std::io::Error::new(
+                        ErrorKind::TimedOut,
+                        format!("no connection within {timeout:?}"),
+                    ));
+                }
+                poll_one(listener.as_raw_fd(), libc::POLLIN, left)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Link {
+    fn new(stream: TcpStream) -> std::io::Result<Self> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(None)?;
+        stream.set_nonblocking(true)?;
+        Ok(Self {
+            stream,
+            early: HashMap::new(),
+        })
+    }
+}
+
+/// Waits until `fd` is ready for `events`, at most `left`.
+#[allow(unsafe_code)]
+fn poll_one(fd: i32, events: libc::c_short, left: Duration) -> std::io::Result<()> {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd for the duration of the call.
+    if unsafe { libc::poll(&mut p, 1, ms) } < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Progress of one receive: the frame header, then the payload.
+struct Receiving<'a> {
+    peer: usize,
+    tag: u64,
+    out: &'a mut [u8],
+    header: [u8; HEADER],
+    got_header: usize,
+    current: Option<(u64, Vec<u8>, usize)>,
+    done: bool,
+}
+
+impl TcpTransport {
+    fn fail(peer: usize, e: &std::io::Error) -> TransportError {
+        TransportError::Broken {
+            peer,
+            reason: e.to_string(),
+        }
+    }
+
+    /// Reads what is available; completes `r` when a frame with its tag is whole.
+    fn read_some(link: &mut Link, r: &mut Receiving<'_>) -> Result<(), TransportError> {
+        loop {
+            if let Some(message) = link.early.get_mut(&r.tag).and_then(VecDeque::pop_front) {
+                return Self::deliver(r, message);
+            }
+            if r.current.is_none() {
+                match link.stream.read(&mut r.header[r.got_header..]) {
+                    Ok(0) => {
+                        return Err(TransportError::Broken {
+                            peer: r.peer,
+                            reason: "connection closed (the process is gone)".into(),
+                        })
+                    }
+                    Ok(n) => r.got_header += n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(Self::fail(r.peer, &e)),
+                }
+                if r.got_header < HEADER {
+                    continue;
+                }
+                let tag = u64::from_le_bytes(r.header[..8].try_into().unwrap_or_default());
+                let len = u64::from_le_bytes(r.header[8..].try_into().unwrap_or_default()) as usize;
+                r.got_header = 0;
+                r.current = Some((tag, vec![0u8; len], 0));
+            }
+            if let Some((tag, buf, filled)) = r.current.as_mut() {
+                while *filled < buf.len() {
+                    match link.stream.read(&mut buf[*filled..]) {
+                        Ok(0) => {
+                            return Err(TransportError::Broken {
+                                peer: r.peer,
+                                reason: "connection closed mid-message".into(),
+                            })
+                        }
+                        Ok(n) => *filled += n,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) => return Err(Self::fail(r.peer, &e)),
+                    }
+                }
+                let (tag, buf) = (*tag, std::mem::take(buf));
+                r.current = None;
+                if tag == r.tag {
+                    return Self::deliver(r, buf);
+                }
+                link.early.entry(tag).or_default().push_back(buf);
+            }
+        }
+    }
+
+    fn deliver(r: &mut Receiving<'_>, message: Vec<u8>) -> Result<(), TransportError> {
+        if message.len() != r.out.len() {
+            return Err(TransportError::Size {
+                peer: r.peer,
+                expected: r.out.len(),
+                got: message.len(),
+            });
+        }
+        r.out.copy_from_slice(&message);
+        r.done = true;
+        Ok(())
+    }
+}
+
+impl Transport for TcpTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    #[allow(unsafe_code)]
+    fn exchange(
+        &self,
+        tag: u64,
+        send: Option<(usize, &[u8])>,
+        recv: Option<(usize, &mut [u8])>,
+        deadline: Duration,
+    ) -> Result<(), TransportError> {
+        let until = Instant::now() + deadline;
+        let mut frame = Vec::new();
+        let mut sending = match send {
+            Some((peer, bytes)) => {
+                frame.reserve(HEADER + bytes.len());
+                frame.extend_from_slice(&tag.to_le_bytes());
+                frame.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+                frame.extend_from_slice(bytes);
+                Some((peer, 0usize))
+            }
+            None => None,
+        };
+        let mut receiving = recv.map(|(peer, out)| Receiving {
+            peer,
+            tag,
+            out,
+            header: [0; HEADER],
+            got_header: 0,
+            current: None,
+            done: false,
+        });
+        // A send to and a receive from the same peer share its link: lock it once.
+        let same = matches!((&sending, &receiving), (Some((s, _)), Some(r)) if *s == r.peer);
+        loop {
+            if let Some((peer, written)) = sending.as_mut() {
+                let mut link = self.link(*peer)?;
+                while *written < frame.len() {
+                    match link.stream.write(&frame[*written..]) {
+                        Ok(n) => *written += n,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) => return Err(Self::fail(*peer, &e)),
+                    }
+                }
+                if same {
+                    if let Some(r) = receiving.as_mut().filter(|r| !r.done) {
+                        Self::read_some(&mut link, r)?;
+                    }
+                }
+            }
+            if !same {
+                if let Some(r) = receiving.as_mut().filter(|r| !r.done) {
+                    let mut link = self.link(r.peer)?;
+                    Self::read_some(&mut link, r)?;
+                }
+            }
+            let send_done = sending.as_ref().is_none_or(|(_, w)| *w == frame.len());
+            let recv_done = receiving.as_ref().is_none_or(|r| r.done);
+            if send_done && recv_done {
+                return Ok(());
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let peer = if recv_done {
+                    sending.map_or(0, |(p, _)| p)
+                } else {
+                    receiving.map_or(0, |r| r.peer)
+                };
+                return Err(TransportError::Timeout {
+                    peer,
+                    after: deadline,
+                });
+            }
+            let mut fds = Vec::with_capacity(2);
+            if let (false, Some((peer, _))) = (send_done, sending) {
+                fds.push(libc::pollfd {
+                    fd: self.link(peer)?.stream.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                });
+            }
+            if let (false, Some(r)) = (recv_done, receiving.as_ref()) {
+                fds.push(libc::pollfd {
+                    fd: self.link(r.peer)?.stream.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            // SAFETY: `fds` is a valid array of pollfd for its length during the call.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        }
+    }
+}

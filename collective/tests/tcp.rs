@@ -1,0 +1,174 @@
+//! The communicator over real TCP sockets on loopback, bootstrapped through the store: ranks
+//! as threads, each with its own sockets.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferrun_collective::comm::{CommError, Communicator, Options};
+use ferrun_collective::reduce::ReduceOp;
+use ferrun_collective::store::{StoreClient, StoreServer};
+use ferrun_collective::transport::tcp::TcpTransport;
+use ferrun_collective::transport::TransportError;
+
+fn spawn<R: Send + 'static>(
+    n: usize,
+    options: Options,
+    f: impl Fn(Communicator<TcpTransport>) -> R + Send + Sync + 'static,
+) -> Vec<R> {
+    let server = StoreServer::bind("127.0.0.1:0".parse().expect("addr")).expect("store");
+    let port = server.local_addr().port();
+    let f = Arc::new(f);
+    let threads: Vec<_> = (0..n)
+        .map(|rank| {
+            let f = Arc::clone(&f);
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                let transport = rt.block_on(async {
+                    let timeout = Duration::from_secs(10);
+                    let mut store = StoreClient::connect("127.0.0.1", port, timeout)
+                        .await
+                        .expect("store")
+                        .prefixed("comm");
+                    TcpTransport::connect(&mut store, rank, n, timeout)
+                        .await
+                        .expect("mesh")
+                });
+                f(Communicator::new(transport, options))
+            })
+        })
+        .collect();
+    let results = threads
+        .into_iter()
+        .map(|t| t.join().expect("rank"))
+        .collect();
+    drop(server);
+    results
+}
+
+#[test]
+fn all_reduce_over_tcp_small_and_large_any_world() {
+    for n in [1, 2, 3, 5] {
+        for small_bytes in [0, usize::MAX] {
+            let results = spawn(
+                n,
+                Options {
+                    deadline: Duration::from_secs(20),
+                    small_bytes,
+                },
+                |c| {
+                    let mut out = Vec::new();
+                    // Up to 4 MiB per rank: far past socket buffers, so sends and receives interleave.
+                    for count in [0usize, 1, 7, 1001, 1 << 20] {
+                        let mut buf: Vec<f32> = (0..count)
+                            .map(|i| ((c.rank() * 31 + i) % 17) as f32)
+                            .collect();
+                        c.all_reduce(&mut buf, ReduceOp::Sum).expect("all_reduce");
+                        out.push(buf);
+                    }
+                    out
+                },
+            );
+            for rank in &results {
+                for (buf, count) in rank.iter().zip([0usize, 1, 7, 1001, 1 << 20]) {
+                    let expected: Vec<f32> = (0..count)
+                        .map(|i| (0..n).map(|r| ((r * 31 + i) % 17) as f32).sum())
+                        .collect();
+                    assert!(*buf == expected, "n={n} count={count} small={small_bytes}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_collective_over_tcp() {
+    let n = 4;
+    let results = spawn(n, Options::default(), |c| {
+        let r = c.rank();
+        let mut b = vec![r as i64; 5];
+        c.broadcast(&mut b, 2).expect("broadcast");
+        let mut gathered = vec![0u8; 4 * 3];
+        c.all_gather(&[r as u8; 3], &mut gathered)
+            .expect("all_gather");
+        let mut scattered = vec![0i32; 2];
+        c.reduce_scatter(&[1i32; 8], &mut scattered, ReduceOp::Sum)
+            .expect("reduce_scatter");
+        let input: Vec<f64> = (0..8).map(|i| (r * 10 + i) as f64).collect();
+        let mut a2a = vec![0f64; 8];
+        c.all_to_all(&input, &mut a2a).expect("all_to_all");
+        c.barrier().expect("barrier");
+        if r == 0 {
+            c.send(&[42u8], 3, 9).expect("send");
+        }
+        let mut got = [0u8];
+        if r == 3 {
+            c.recv(&mut got, 0, 9).expect("recv");
+        }
+        (b, gathered, scattered, a2a, got[0])
+    });
+    for (r, (b, gathered, scattered, a2a, got)) in results.into_iter().enumerate() {
+        assert_eq!(b, vec![2; 5]);
+        assert_eq!(gathered, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]);
+        assert_eq!(scattered, [4, 4]);
+        let expected: Vec<f64> = (0..n)
+            .flat_map(|s| (0..2).map(move |i| (s * 10 + r * 2 + i) as f64))
+            .collect();
+        assert_eq!(a2a, expected);
+        assert_eq!(got, if r == 3 { 42 } else { 0 });
+    }
+}
+
+#[test]
+fn a_peer_that_dies_is_named_and_nobody_hangs() {
+    let results = spawn(
+        3,
+        Options {
+            deadline: Duration::from_secs(10),
+            small_bytes: 0,
+        },
+        |c| {
+            let mut buf = vec![1f32; 1 << 16];
+            c.all_reduce(&mut buf, ReduceOp::Sum)
+                .expect("first all_reduce");
+            if c.rank() == 1 {
+                return None; // rank 1 leaves: its sockets close
+            }
+            let started = Instant::now();
+            let err = c
+                .all_reduce(&mut buf, ReduceOp::Sum)
+                .expect_err("rank 1 is gone");
+            Some((err, started.elapsed()))
+        },
+    );
+    let survivors: Vec<_> = results.into_iter().flatten().collect();
+    assert_eq!(survivors.len(), 2);
+    for (err, took) in &survivors {
+        assert!(*took < Duration::from_secs(5), "took {took:?}: {err}");
+        assert!(
+            matches!(
+                err,
+                CommError::Transport {
+                    source: TransportError::Broken { .. } | TransportError::Timeout { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+    // Rank 2 receives from rank 1 in the ring, so it names rank 1. (Rank 0 may instead name
+    // rank 2, which gave up first: telling everyone who failed first is still to come.)
+    let named_by_2 = &survivors[1].0;
+    assert!(
+        matches!(
+            named_by_2,
+            CommError::Transport {
+                source: TransportError::Broken { peer: 1, .. },
+                ..
+            }
+        ),
+        "{named_by_2}"
+    );
+}
