@@ -1,5 +1,25 @@
-//! Cross-crate end-to-end tests: flows that span crates that do not depend on each other (the
-//! operator renders a pod's environment, the launcher reads it). They arrive with the operator.
+//! Cross-crate end-to-end tests: flows that span crates, run as real processes.
 //!
-//! The launcher's own end-to-end tests (real `ferrun`, `torchrun` and torch processes) live in
-//! `launcher/tests/`, where cargo hands them the `ferrun` binary.
+//! - `collective-worker` (a binary): a worker built on `ferrun_collective`, launched by
+//!   `ferrun`, that joins the job's communicator through the agent store and checks every
+//!   collective against a plain reference.
+//!
+//! The launcher's own end-to-end tests live in `launcher/tests/`, where cargo hands them the
+//! `ferrun` binary.
+
+use std::path::PathBuf;
+
+/// The `ferrun` binary of this build (next to this crate's test binaries).
+///
+/// # Panics
+/// When it has not been built: `cargo test --workspace` builds it.
+pub fn ferrun_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target directory");
+    let ferrun = dir.join("ferrun");
+    assert!(ferrun.is_file(), "{} is missing: run the suite with `cargo test --workspace` (or build ferrun-launcher first)", ferrun.display());
+    ferrun
+}

@@ -431,5 +431,9 @@ impl<T: Transport> Communicator<T> {
     }
 }
 
+mod bootstrap;
+
+pub use bootstrap::InitError;
+
 #[cfg(test)]
 mod tests;
