@@ -4,6 +4,7 @@
 //! min/median and the ratios; `ferrun-bench store` loads ferrun's store server and torch's
 //! TCPStore server with the same clients. Collective benchmarks join as further subcommands.
 
+mod collective;
 mod launcher;
 mod stats;
 mod store;
@@ -26,6 +27,8 @@ enum Command {
     Launcher(launcher::Options),
     /// The agent store under load: ferrun's server beside torch's TCPStore server.
     Store(store::Options),
+    /// A collective across the ranks ferrun launched, nccl-tests style (run it under ferrun).
+    Collective(collective::Options),
     /// Hosts a ferrun store server until stdin closes (the bench runs it as a peer process).
     #[command(hide = true)]
     StoreServer,
@@ -35,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Launcher(options) => launcher::run(&options),
         Command::Store(options) => store::run(&options),
+        Command::Collective(options) => collective::run(&options),
         Command::StoreServer => store::serve(),
     }
 }

@@ -72,10 +72,6 @@ pub trait Element:
     fn combine(op: ReduceOp, a: Self, b: Self) -> Self;
     /// `x / n`, for `Avg`.
     fn div(x: Self, n: usize) -> Self;
-    /// Writes the element's little-endian bytes.
-    fn put(self, out: &mut [u8]);
-    /// Reads an element from little-endian bytes.
-    fn get(bytes: &[u8]) -> Self;
 }
 
 macro_rules! element {
@@ -95,14 +91,6 @@ macro_rules! element {
             }
             fn div($x: Self, $n: usize) -> Self {
                 $div
-            }
-            fn put(self, out: &mut [u8]) {
-                out.copy_from_slice(&self.to_le_bytes());
-            }
-            fn get(bytes: &[u8]) -> Self {
-                let mut raw = [0u8; std::mem::size_of::<$t>()];
-                raw.copy_from_slice(bytes);
-                <$t>::from_le_bytes(raw)
             }
         }
     };
@@ -167,20 +155,27 @@ pub fn finish<T: Element>(op: ReduceOp, buf: &mut [T], world: usize) {
     }
 }
 
-/// Elements as little-endian bytes (the wire format, whatever the host).
-pub fn to_bytes<T: Element>(items: &[T], out: &mut Vec<u8>) {
-    let size = T::DTYPE.size();
-    out.clear();
-    out.resize(items.len() * size, 0);
-    for (x, chunk) in items.iter().zip(out.chunks_exact_mut(size)) {
-        x.put(chunk);
-    }
+#[cfg(not(target_endian = "little"))]
+compile_error!("ferrun's wire format is the elements' little-endian bytes, viewed in place: build for a little-endian target");
+
+/// The elements' bytes as they go on the wire, viewed in place (no copy).
+#[allow(unsafe_code)]
+pub fn bytes_of<T: Element>(items: &[T]) -> &[u8] {
+    // SAFETY: every `Element` (sealed: f32, f64, f16, bf16, i32, i64, u8) is plain data with no
+    // padding, so its memory is `size_of_val` initialized bytes; the view borrows `items`.
+    unsafe { std::slice::from_raw_parts(items.as_ptr().cast::<u8>(), std::mem::size_of_val(items)) }
 }
 
-/// Elements from little-endian bytes, into `items` (lengths must agree).
-pub fn from_bytes<T: Element>(bytes: &[u8], items: &mut [T]) {
-    for (x, chunk) in items.iter_mut().zip(bytes.chunks_exact(T::DTYPE.size())) {
-        *x = T::get(chunk);
+/// The elements' bytes, writable in place: a receive lands directly in the typed buffer.
+#[allow(unsafe_code)]
+pub fn bytes_of_mut<T: Element>(items: &mut [T]) -> &mut [u8] {
+    // SAFETY: as `bytes_of`; moreover every bit pattern is a valid value of each `Element`
+    // type, so any bytes written through the view leave valid elements.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            items.as_mut_ptr().cast::<u8>(),
+            std::mem::size_of_val(items),
+        )
     }
 }
 
@@ -236,18 +231,13 @@ mod tests {
     }
 
     #[test]
-    fn bytes_round_trip_little_endian() {
-        let items = [1i32, -2, 300_000];
-        let mut bytes = Vec::new();
-        to_bytes(&items, &mut bytes);
-        assert_eq!(&bytes[..4], &[1, 0, 0, 0]);
-        let mut back = [0i32; 3];
-        from_bytes(&bytes, &mut back);
-        assert_eq!(back, items);
+    fn bytes_are_the_little_endian_wire_format_in_place() {
+        let mut items = [1i32, -2, 300_000];
+        assert_eq!(&bytes_of(&items)[..4], &[1, 0, 0, 0]);
+        bytes_of_mut(&mut items)[4..8].copy_from_slice(&7i32.to_le_bytes());
+        assert_eq!(items, [1, 7, 300_000]);
         let halves = [bf16::from_f32(1.25), bf16::from_f32(-8.0)];
-        to_bytes(&halves, &mut bytes);
-        let mut back = [bf16::ZERO; 2];
-        from_bytes(&bytes, &mut back);
-        assert_eq!(back, halves);
+        assert_eq!(bytes_of(&halves).len(), 4);
+        assert_eq!(bytes_of(&halves)[..2], bf16::from_f32(1.25).to_le_bytes());
     }
 }

@@ -152,7 +152,7 @@ fn entry(out: &mut String, index: usize, host: &str, f: &Failure) {
         (Some(e), _) => e.traceback.clone().unwrap_or_else(|| e.message.clone()),
         (None, Exit::Signal(s)) => format!("Signal {s} ({}) received by PID {}", signal_name(s), f.pid),
         (None, Exit::Code(_)) => {
-            "no error file: decorate the worker's main with torch.distributed.elastic.multiprocessing.errors.record to get its traceback here".to_owned()
+            "no error file (see the worker's stderr above; a Python worker whose main is decorated with torch.distributed.elastic.multiprocessing.errors.record gets its traceback here)".to_owned()
         }
     };
     let mut lines = traceback.trim_end().lines();

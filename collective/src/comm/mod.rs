@@ -13,10 +13,11 @@
 //!
 //! [`schedule`]: crate::schedule
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::reduce::{combine_into, finish, from_bytes, to_bytes, Element, ReduceOp};
+use crate::reduce::{bytes_of, bytes_of_mut, combine_into, finish, Element, ReduceOp};
 use crate::schedule::{self, DoublingStep};
 use crate::transport::{Transport, TransportError};
 
@@ -154,27 +155,27 @@ impl<T: Transport> Communicator<T> {
         op: ReduceOp,
     ) -> Result<(), CommError> {
         const OP: &str = "all_reduce";
-        let (mut out, mut inc) = (Vec::new(), vec![0u8; std::mem::size_of_val(buf)]);
         let mut incoming = vec![E::ZERO; buf.len()];
         for step in schedule::recursive_doubling(self.rank(), self.size()) {
-            to_bytes(buf, &mut out);
             match step {
                 DoublingStep::Send(p) | DoublingStep::SendResult(p) => {
-                    self.exchange(OP, tag, Some((p, &out)), None)?
+                    self.exchange(OP, tag, Some((p, bytes_of(buf))), None)?
                 }
                 DoublingStep::RecvCombine(p) => {
-                    self.exchange(OP, tag, None, Some((p, &mut inc)))?;
-                    from_bytes(&inc, &mut incoming);
+                    self.exchange(OP, tag, None, Some((p, bytes_of_mut(&mut incoming))))?;
                     combine_into(op, buf, &incoming);
                 }
                 DoublingStep::Exchange(p) => {
-                    self.exchange(OP, tag, Some((p, &out)), Some((p, &mut inc)))?;
-                    from_bytes(&inc, &mut incoming);
+                    self.exchange(
+                        OP,
+                        tag,
+                        Some((p, bytes_of(buf))),
+                        Some((p, bytes_of_mut(&mut incoming))),
+                    )?;
                     combine_into(op, buf, &incoming);
                 }
                 DoublingStep::RecvResult(p) => {
-                    self.exchange(OP, tag, None, Some((p, &mut inc)))?;
-                    from_bytes(&inc, buf);
+                    self.exchange(OP, tag, None, Some((p, bytes_of_mut(buf))))?
                 }
             }
         }
@@ -189,23 +190,23 @@ impl<T: Transport> Communicator<T> {
         op: ReduceOp,
     ) -> Result<(), CommError> {
         let (n, len) = (self.size(), buf.len());
-        let (mut out, mut inc, mut incoming) = (Vec::new(), Vec::new(), Vec::new());
+        let segment = (SEGMENT_BYTES / std::mem::size_of::<E>()).max(1);
+        let mut incoming = vec![E::ZERO; schedule::chunk(len, n, 0).len().min(segment)];
         for step in schedule::ring_reduce_scatter(self.rank(), n) {
-            let (send, recv) = (
-                schedule::chunk(len, n, step.send_chunk),
-                schedule::chunk(len, n, step.recv_chunk),
-            );
-            to_bytes(&buf[send], &mut out);
-            inc.resize(recv.len() * E::DTYPE.size(), 0);
-            self.exchange(
-                "reduce_scatter",
-                tag,
-                Some((step.send_to, &out)),
-                Some((step.recv_from, &mut inc)),
-            )?;
-            incoming.resize(recv.len(), E::ZERO);
-            from_bytes(&inc, &mut incoming);
-            combine_into(op, &mut buf[recv], &incoming);
+            let send = schedule::chunk(len, n, step.send_chunk);
+            let recv = schedule::chunk(len, n, step.recv_chunk);
+            for (s, r) in segment_pairs(send, recv, segment) {
+                let inc = &mut incoming[..r.len()];
+                // The chunk sent and the chunk received differ, so both views can stand together.
+                let (sent, received) = split_pair(buf, s, r);
+                self.exchange(
+                    "reduce_scatter",
+                    tag,
+                    Some((step.send_to, bytes_of(sent))),
+                    Some((step.recv_from, bytes_of_mut(inc))),
+                )?;
+                combine_into(op, received, inc);
+            }
         }
         Ok(())
     }
@@ -218,21 +219,19 @@ impl<T: Transport> Communicator<T> {
         buf: &mut [E],
     ) -> Result<(), CommError> {
         let (n, len) = (self.size(), buf.len());
-        let (mut out, mut inc) = (Vec::new(), Vec::new());
+        let segment = (SEGMENT_BYTES / std::mem::size_of::<E>()).max(1);
         for step in schedule::ring_all_gather(self.rank(), n) {
-            let (send, recv) = (
-                schedule::chunk(len, n, step.send_chunk),
-                schedule::chunk(len, n, step.recv_chunk),
-            );
-            to_bytes(&buf[send], &mut out);
-            inc.resize(recv.len() * E::DTYPE.size(), 0);
-            self.exchange(
-                op,
-                tag,
-                Some((step.send_to, &out)),
-                Some((step.recv_from, &mut inc)),
-            )?;
-            from_bytes(&inc, &mut buf[recv]);
+            let send = schedule::chunk(len, n, step.send_chunk);
+            let recv = schedule::chunk(len, n, step.recv_chunk);
+            for (s, r) in segment_pairs(send, recv, segment) {
+                let (sent, received) = split_pair(buf, s, r);
+                self.exchange(
+                    op,
+                    tag,
+                    Some((step.send_to, bytes_of(sent))),
+                    Some((step.recv_from, bytes_of_mut(received))),
+                )?;
+            }
         }
         Ok(())
     }
@@ -246,15 +245,11 @@ impl<T: Transport> Communicator<T> {
         self.check_root(OP, root)?;
         let tag = self.next_tag();
         let (parent, children) = schedule::broadcast_tree(self.rank(), self.size(), root);
-        let mut bytes = vec![0u8; std::mem::size_of_val(buf)];
         if let Some(p) = parent {
-            self.exchange(OP, tag, None, Some((p, &mut bytes)))?;
-            from_bytes(&bytes, buf);
-        } else {
-            to_bytes(buf, &mut bytes);
+            self.exchange(OP, tag, None, Some((p, bytes_of_mut(buf))))?;
         }
         for c in children {
-            self.exchange(OP, tag, Some((c, &bytes)), None)?;
+            self.exchange(OP, tag, Some((c, bytes_of(buf))), None)?;
         }
         Ok(())
     }
@@ -274,18 +269,13 @@ impl<T: Transport> Communicator<T> {
         let tag = self.next_tag();
         let (children, parent) = schedule::reduce_tree(self.rank(), self.size(), root);
         let mut acc = buf.to_vec();
-        let mut bytes = vec![0u8; std::mem::size_of_val(buf)];
         let mut incoming = vec![E::ZERO; buf.len()];
         for c in children {
-            self.exchange(OP, tag, None, Some((c, &mut bytes)))?;
-            from_bytes(&bytes, &mut incoming);
+            self.exchange(OP, tag, None, Some((c, bytes_of_mut(&mut incoming))))?;
             combine_into(op, &mut acc, &incoming);
         }
         match parent {
-            Some(p) => {
-                to_bytes(&acc, &mut bytes);
-                self.exchange(OP, tag, Some((p, &bytes)), None)?;
-            }
+            Some(p) => self.exchange(OP, tag, Some((p, bytes_of(&acc))), None)?,
             None => {
                 finish(op, &mut acc, self.size());
                 buf.copy_from_slice(&acc);
@@ -362,11 +352,10 @@ impl<T: Transport> Communicator<T> {
         let (m, r) = (input.len() / n, self.rank());
         let tag = self.next_tag();
         output[r * m..(r + 1) * m].copy_from_slice(&input[r * m..(r + 1) * m]);
-        let (mut out, mut inc) = (Vec::new(), vec![0u8; m * E::DTYPE.size()]);
         for (to, from) in schedule::pairwise(r, n) {
-            to_bytes(&input[to * m..(to + 1) * m], &mut out);
-            self.exchange(OP, tag, Some((to, &out)), Some((from, &mut inc)))?;
-            from_bytes(&inc, &mut output[from * m..(from + 1) * m]);
+            let sent = bytes_of(&input[to * m..(to + 1) * m]);
+            let received = bytes_of_mut(&mut output[from * m..(from + 1) * m]);
+            self.exchange(OP, tag, Some((to, sent)), Some((from, received)))?;
         }
         Ok(())
     }
@@ -389,12 +378,10 @@ impl<T: Transport> Communicator<T> {
     /// [`CommError::Invalid`] for a peer that is this rank or out of range.
     pub fn send<E: Element>(&self, buf: &[E], peer: usize, tag: u32) -> Result<(), CommError> {
         self.check_peer("send", peer)?;
-        let mut bytes = Vec::new();
-        to_bytes(buf, &mut bytes);
         self.exchange(
             "send",
             USER_TAG | u64::from(tag),
-            Some((peer, &bytes)),
+            Some((peer, bytes_of(buf))),
             None,
         )
     }
@@ -405,15 +392,12 @@ impl<T: Transport> Communicator<T> {
     /// As [`Communicator::send`], and [`CommError::Transport`] on timeout or a size mismatch.
     pub fn recv<E: Element>(&self, buf: &mut [E], peer: usize, tag: u32) -> Result<(), CommError> {
         self.check_peer("recv", peer)?;
-        let mut bytes = vec![0u8; std::mem::size_of_val(buf)];
         self.exchange(
             "recv",
             USER_TAG | u64::from(tag),
             None,
-            Some((peer, &mut bytes)),
-        )?;
-        from_bytes(&bytes, buf);
-        Ok(())
+            Some((peer, bytes_of_mut(buf))),
+        )
     }
 
     fn check_peer(&self, op: &'static str, peer: usize) -> Result<(), CommError> {
@@ -434,6 +418,38 @@ impl<T: Transport> Communicator<T> {
 mod bootstrap;
 
 pub use bootstrap::InitError;
+
+/// Ring chunks move in segments of this many bytes, so that a received segment is combined
+/// while it is still in cache, and no step needs a chunk-sized scratch buffer.
+const SEGMENT_BYTES: usize = 1 << 20;
+
+/// The segments of a sent and a received chunk, paired step by step. Both sides of a link cut
+/// the same chunk the same way; the two chunks may differ by one element, so one side may
+/// have a last, empty segment.
+fn segment_pairs(
+    send: Range<usize>,
+    recv: Range<usize>,
+    segment: usize,
+) -> Vec<(Range<usize>, Range<usize>)> {
+    let count = send.len().max(recv.len()).div_ceil(segment).max(1);
+    let cut = |r: &Range<usize>, i: usize| {
+        let start = (r.start + i * segment).min(r.end);
+        start..(start + segment).min(r.end)
+    };
+    (0..count).map(|i| (cut(&send, i), cut(&recv, i))).collect()
+}
+
+/// Two disjoint ranges of one buffer, the first shared and the second writable.
+fn split_pair<E>(buf: &mut [E], a: Range<usize>, b: Range<usize>) -> (&[E], &mut [E]) {
+    if a.start >= b.end {
+        let (low, high) = buf.split_at_mut(a.start);
+        (&high[..a.len()], &mut low[b])
+    } else {
+        debug_assert!(a.end <= b.start, "ranges {a:?} and {b:?} overlap");
+        let (low, high) = buf.split_at_mut(b.start);
+        (&low[a], &mut high[..b.len()])
+    }
+}
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,272 @@
+//! Collective benchmarks in nccl-tests' style, run by every rank under `ferrun`:
+//!
+//! ```text
+//! ferrun --standalone --nproc-per-node 4 --no-python ferrun-bench collective all_reduce -b 4 -e 64M -f 2
+//! ```
+//!
+//! Method (as `../shared/anchors/gloo_allreduce.py`, so the numbers compare): warm-up ops, then
+//! samples of back-to-back ops after a barrier; a sample's time is the slowest rank's; the
+//! reported time is the median sample. algbw = size / time; busbw = algbw × the nccl-tests
+//! factor (all_reduce 2(n-1)/n; all_gather, reduce_scatter, all_to_all (n-1)/n; others 1).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferrun_collective::comm::{Communicator, Options as CommOptions};
+use ferrun_collective::reduce::ReduceOp;
+use ferrun_collective::transport::tcp::TcpTransport;
+
+/// The collectives the benchmark knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub(crate) enum Collective {
+    /// all_reduce (sum).
+    AllReduce,
+    /// broadcast from rank 0.
+    Broadcast,
+    /// reduce (sum) to rank 0.
+    Reduce,
+    /// all_gather; size is the gathered output.
+    AllGather,
+    /// reduce_scatter (sum); size is the input.
+    ReduceScatter,
+    /// all_to_all; size is each rank's buffer.
+    AllToAll,
+}
+
+/// Options of `ferrun-bench collective`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Options {
+    /// The collective.
+    #[arg(value_enum)]
+    op: Collective,
+    /// Smallest size in bytes (K, M, G suffixes).
+    #[arg(short = 'b', long = "minbytes", default_value = "4", value_parser = parse_size)]
+    min: usize,
+    /// Largest size in bytes.
+    #[arg(short = 'e', long = "maxbytes", default_value = "64M", value_parser = parse_size)]
+    max: usize,
+    /// Multiplication factor between sizes.
+    #[arg(short = 'f', long = "stepfactor", default_value_t = 2)]
+    factor: usize,
+    /// Write the results as JSON lines to this file (rank 0).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// `4`, `64K`, `16M`, `1G` → bytes.
+pub(crate) fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: use e.g. 4, 64K, 16M, 1G"))?;
+    let scale = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?}; use K, M or G")),
+    };
+    Ok(n * scale)
+}
+
+/// (warm-up ops, samples, ops per sample) for a size, as the Gloo anchor plans them.
+fn plan(size: usize) -> (usize, usize, usize) {
+    match size {
+        s if s <= 64 << 10 => (20, 25, 20),
+        s if s <= 1 << 20 => (5, 15, 5),
+        s if s <= 16 << 20 => (3, 11, 1),
+        _ => (2, 7, 1),
+    }
+}
+
+fn busbw_factor(op: Collective, n: usize) -> f64 {
+    let n = n as f64;
+    match op {
+        Collective::AllReduce => 2.0 * (n - 1.0) / n,
+        Collective::AllGather | Collective::ReduceScatter | Collective::AllToAll => (n - 1.0) / n,
+        Collective::Broadcast | Collective::Reduce => 1.0,
+    }
+}
+
+/// Buffers for one collective at one size, and how to run and check it.
+struct Case {
+    op: Collective,
+    input: Vec<f32>,
+    output: Vec<f32>,
+}
+
+impl Case {
+    fn new(op: Collective, size: usize, n: usize) -> Self {
+        let count = size / 4;
+        let per = count / n;
+        let (i, o) = match op {
+            Collective::AllReduce | Collective::Broadcast | Collective::Reduce => (count, 0),
+            Collective::AllGather => (per, per * n),
+            Collective::ReduceScatter => (per * n, per),
+            Collective::AllToAll => (per * n, per * n),
+        };
+        Self {
+            op,
+            input: vec![0.0; i],
+            output: vec![0.0; o],
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.input.len().max(self.output.len())
+    }
+
+    fn run(&mut self, c: &Communicator<TcpTransport>) -> anyhow::Result<()> {
+        match self.op {
+            Collective::AllReduce => c.all_reduce(&mut self.input, ReduceOp::Sum)?,
+            Collective::Broadcast => c.broadcast(&mut self.input, 0)?,
+            Collective::Reduce => c.reduce(&mut self.input, ReduceOp::Sum, 0)?,
+            Collective::AllGather => c.all_gather(&self.input, &mut self.output)?,
+            Collective::ReduceScatter => {
+                c.reduce_scatter(&self.input, &mut self.output, ReduceOp::Sum)?
+            }
+            Collective::AllToAll => c.all_to_all(&self.input, &mut self.output)?,
+        }
+        Ok(())
+    }
+
+    /// Runs once on known data; the number of wrong elements on this rank.
+    fn check(&mut self, c: &Communicator<TcpTransport>) -> anyhow::Result<usize> {
+        let (r, n) = (c.rank(), c.size());
+        let sum = (n * (n + 1) / 2) as f32;
+        self.input.iter_mut().for_each(|x| *x = (r + 1) as f32);
+        self.output.iter_mut().for_each(|x| *x = -1.0);
+        self.run(c)?;
+        let wrong = |buf: &[f32], expected: &dyn Fn(usize) -> f32| {
+            buf.iter()
+                .enumerate()
+                .filter(|(i, x)| **x != expected(*i))
+                .count()
+        };
+        let per = self.output.len().checked_div(n).unwrap_or(0);
+        Ok(match self.op {
+            Collective::AllReduce => wrong(&self.input, &|_| sum),
+            Collective::Broadcast => wrong(&self.input, &|_| 1.0),
+            Collective::Reduce if r == 0 => wrong(&self.input, &|_| sum),
+            Collective::Reduce => 0,
+            Collective::AllGather => wrong(&self.output, &|i| (i / per.max(1) + 1) as f32),
+            Collective::ReduceScatter => wrong(&self.output, &|_| sum),
+            Collective::AllToAll => wrong(&self.output, &|i| (i / per.max(1) + 1) as f32),
+        })
+    }
+}
+
+/// One row of results.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Row {
+    pub(crate) time: Duration,
+    pub(crate) algbw: f64,
+    pub(crate) busbw: f64,
+    pub(crate) wrong: usize,
+}
+
+pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
+    if o.factor < 2 || o.min == 0 || o.min > o.max {
+        bail!(
+            "sizes: need 0 < -b <= -e and -f >= 2 (got -b {} -e {} -f {})",
+            o.min,
+            o.max,
+            o.factor
+        );
+    }
+    let comm = Communicator::from_env("bench", CommOptions::default())
+        .context("ferrun-bench collective runs as a worker: launch it with `ferrun --no-python ferrun-bench collective ...`")?;
+    let (rank, n) = (comm.rank(), comm.size());
+    if rank == 0 {
+        println!(
+            "# ferrun collective benchmark: {:?}, {n} ranks, float32, sum, TCP transport",
+            o.op
+        );
+        println!(
+            "#{:>11} {:>12} {:>6} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}",
+            "size", "count", "type", "redop", "root", "time(us)", "algbw", "busbw", "#wrong"
+        );
+    }
+    let mut json = Vec::new();
+    let mut size = o.min;
+    while size <= o.max {
+        let mut case = Case::new(o.op, size, n);
+        let row = measure(&comm, &mut case, size)?;
+        if rank == 0 {
+            println!(
+                "{:>12} {:>12} {:>6} {:>6} {:>5} {:>10.1} {:>8.3} {:>8.3} {:>7}",
+                size,
+                case.count(),
+                "float",
+                "sum",
+                0,
+                row.time.as_secs_f64() * 1e6,
+                row.algbw,
+                row.busbw,
+                row.wrong
+            );
+            json.push(format!(
+                "{{\"coll\":\"{:?}\",\"ranks\":{n},\"size\":{size},\"time_us\":{},\"algbw\":{},\"busbw\":{},\"wrong\":{}}}",
+                o.op,
+                row.time.as_secs_f64() * 1e6,
+                row.algbw,
+                row.busbw,
+                row.wrong
+            ));
+        }
+        size = size.saturating_mul(o.factor);
+    }
+    if let (0, Some(path)) = (rank, &o.json) {
+        std::fs::write(path, json.join("\n") + "\n")
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn measure(comm: &Communicator<TcpTransport>, case: &mut Case, size: usize) -> anyhow::Result<Row> {
+    let (warm, samples, k) = plan(size);
+    let mut wrong = [case.check(comm)? as f64];
+    comm.all_reduce(&mut wrong, ReduceOp::Sum)?;
+    for _ in 0..warm {
+        case.run(comm)?;
+    }
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        comm.barrier()?;
+        let t0 = Instant::now();
+        for _ in 0..k {
+            case.run(comm)?;
+        }
+        let mut slowest = [t0.elapsed().as_secs_f64() / k as f64];
+        comm.all_reduce(&mut slowest, ReduceOp::Max)?;
+        times.push(slowest[0]);
+    }
+    times.sort_by(f64::total_cmp);
+    let time = times[times.len() / 2];
+    let algbw = size as f64 / time / 1e9;
+    Ok(Row {
+        time: Duration::from_secs_f64(time),
+        algbw,
+        busbw: algbw * busbw_factor(case.op, comm.size()),
+        wrong: wrong[0] as usize,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_nccl_tests() {
+        assert_eq!(parse_size("4"), Ok(4));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert!(parse_size("x").is_err() && parse_size("3Q").is_err());
+        assert_eq!(busbw_factor(Collective::AllReduce, 4), 1.5);
+    }
+}
