@@ -412,7 +412,7 @@ impl Transport for TcpTransport {
             }
             if let Some(r) = receiving
                 .as_mut()
-                .filter(|r| !r.done && !(same && written < total))
+                .filter(|r| !(r.done || (same && written < total)))
             {
                 let mut link = self.link(r.peer)?;
                 Self::read_some(&mut link, r)?;
