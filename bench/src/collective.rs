@@ -49,6 +49,9 @@ pub(crate) struct Options {
     /// Multiplication factor between sizes.
     #[arg(short = 'f', long = "stepfactor", default_value_t = 2)]
     factor: usize,
+    /// Explicit sizes, comma separated (replaces -b/-e/-f), e.g. 4,4K,1M,64M.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size)]
+    sizes: Vec<usize>,
     /// Write the results as JSON lines to this file (rank 0).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -170,8 +173,18 @@ pub(crate) struct Row {
     pub(crate) wrong: usize,
 }
 
+/// The sizes to measure: `--sizes`, or `-b` to `-e` by `-f`.
+fn sizes(o: &Options) -> Vec<usize> {
+    if !o.sizes.is_empty() {
+        return o.sizes.clone();
+    }
+    std::iter::successors(Some(o.min), |s| s.checked_mul(o.factor))
+        .take_while(|s| *s <= o.max)
+        .collect()
+}
+
 pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
-    if o.factor < 2 || o.min == 0 || o.min > o.max {
+    if o.sizes.is_empty() && (o.factor < 2 || o.min == 0 || o.min > o.max) {
         bail!(
             "sizes: need 0 < -b <= -e and -f >= 2 (got -b {} -e {} -f {})",
             o.min,
@@ -193,8 +206,7 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
         );
     }
     let mut json = Vec::new();
-    let mut size = o.min;
-    while size <= o.max {
+    for size in sizes(o) {
         let mut case = Case::new(o.op, size, n);
         let row = measure(&comm, &mut case, size)?;
         if rank == 0 {
@@ -219,7 +231,6 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
                 row.wrong
             ));
         }
-        size = size.saturating_mul(o.factor);
     }
     if let (0, Some(path)) = (rank, &o.json) {
         std::fs::write(path, json.join("\n") + "\n")

@@ -5,6 +5,7 @@
 //! TCPStore server with the same clients. Collective benchmarks join as further subcommands.
 
 mod collective;
+mod compare;
 mod launcher;
 mod stats;
 mod store;
@@ -29,6 +30,8 @@ enum Command {
     Store(store::Options),
     /// A collective across the ranks ferrun launched, nccl-tests style (run it under ferrun).
     Collective(collective::Options),
+    /// A collective beside Gloo (and OpenMPI where installed) in one invocation, with ratios.
+    Compare(compare::Options),
     /// Hosts a ferrun store server until stdin closes (the bench runs it as a peer process).
     #[command(hide = true)]
     StoreServer,
@@ -39,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         Command::Launcher(options) => launcher::run(&options),
         Command::Store(options) => store::run(&options),
         Command::Collective(options) => collective::run(&options),
+        Command::Compare(options) => compare::run(&options),
         Command::StoreServer => store::serve(),
     }
 }

@@ -1,0 +1,180 @@
+//! A collective beside its peers in one invocation: ferrun's communicator (launched by
+//! `ferrun`), torch's Gloo (`../shared/anchors/gloo_allreduce.py` under torchrun, torch 2.13)
+//! and, where installed, OpenMPI (`mpi_allreduce.c`) — same sizes, same ranks, ratios printed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{ensure, Context};
+use serde_json::Value;
+
+use crate::collective::{parse_size, Collective};
+
+/// Options of `ferrun-bench compare`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Options {
+    /// The collective (Gloo's anchor knows all_reduce, broadcast, all_gather, reduce_scatter).
+    #[arg(value_enum, default_value = "all_reduce")]
+    op: Collective,
+    /// World sizes, comma separated.
+    #[arg(long, default_value = "2,4", value_delimiter = ',')]
+    ranks: Vec<usize>,
+    /// Sizes in bytes, comma separated (K, M suffixes).
+    #[arg(long, default_value = "4,4K,64K,1M,16M,64M", value_delimiter = ',', value_parser = parse_size)]
+    sizes: Vec<usize>,
+    /// The anchors folder (gloo_allreduce.py).
+    #[arg(long, default_value = "../shared/anchors")]
+    anchors: PathBuf,
+    /// The torch 2.13 virtualenv.
+    #[arg(long, env = "FERRUN_VENV")]
+    venv: PathBuf,
+    /// The ferrun binary that launches this benchmark's ranks.
+    #[arg(long, default_value = "target/release/ferrun")]
+    ferrun: PathBuf,
+}
+
+fn op_name(op: Collective) -> &'static str {
+    match op {
+        Collective::AllReduce => "all_reduce",
+        Collective::Broadcast => "broadcast",
+        Collective::Reduce => "reduce",
+        Collective::AllGather => "all_gather",
+        Collective::ReduceScatter => "reduce_scatter",
+        Collective::AllToAll => "all_to_all",
+    }
+}
+
+pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
+    let gloo = o.anchors.join("gloo_allreduce.py");
+    ensure!(
+        gloo.is_file(),
+        "{} not found: pass --anchors <shared/anchors folder>",
+        gloo.display()
+    );
+    ensure!(
+        o.ferrun.is_file(),
+        "{} not found: cargo build --release -p ferrun-launcher",
+        o.ferrun.display()
+    );
+    let out = tempfile::tempdir()?;
+    let sizes = o
+        .sizes
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let name = op_name(o.op);
+    for &n in &o.ranks {
+        let ours_path = out.path().join(format!("ferrun_{n}.json"));
+        let status = Command::new(&o.ferrun)
+            .args([
+                "--standalone",
+                "--nproc-per-node",
+                &n.to_string(),
+                "--no-python",
+            ])
+            .arg(std::env::current_exe()?)
+            .args(["collective", name, "--sizes", &sizes, "--json"])
+            .arg(&ours_path)
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?;
+        ensure!(
+            status.success(),
+            "ferrun's run with {n} ranks failed: {status}"
+        );
+        let theirs_path = out.path().join("gloo").join(format!("{n}.json"));
+        let status = Command::new(o.venv.join("bin/torchrun"))
+            .args(["--standalone", "--nproc-per-node", &n.to_string()])
+            .arg(&gloo)
+            .args(["--colls", name, "--sizes", &sizes, "--json"])
+            .arg(&theirs_path)
+            .env("GLOO_SOCKET_IFNAME", "lo")
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    o.venv.join("bin").display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?;
+        ensure!(
+            status.success(),
+            "Gloo's run with {n} ranks failed: {status}"
+        );
+        print_table(
+            name,
+            n,
+            &read_ours(&ours_path)?,
+            &read_gloo(&theirs_path, name)?,
+        );
+    }
+    if which("mpirun").is_none() {
+        println!("OpenMPI: not installed here (apt-get install openmpi-bin libopenmpi-dev), so not compared");
+    }
+    Ok(())
+}
+
+/// `(size, time µs, busbw)` rows.
+type Rows = Vec<(u64, f64, f64)>;
+
+fn read_ours(path: &Path) -> anyhow::Result<Rows> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    text.lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line)?;
+            Ok((
+                v["size"].as_u64().unwrap_or(0),
+                v["time_us"].as_f64().unwrap_or(f64::NAN),
+                v["busbw"].as_f64().unwrap_or(f64::NAN),
+            ))
+        })
+        .collect()
+}
+
+fn read_gloo(path: &Path, name: &str) -> anyhow::Result<Rows> {
+    let v: Value = serde_json::from_str(
+        &std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
+    )?;
+    let rows = v["collectives"][name]["rows"]
+        .as_array()
+        .context("Gloo's JSON has no rows for this collective")?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r["size"].as_u64().unwrap_or(0),
+                r["time_us"].as_f64().unwrap_or(f64::NAN),
+                r["busbw"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect())
+}
+
+fn print_table(name: &str, n: usize, ours: &Rows, gloo: &Rows) {
+    println!("{name}, {n} ranks, float32 (same invocation; busbw in GB/s)");
+    println!(
+        "{:>10} {:>12} {:>12} {:>8} {:>9} {:>9} {:>8}",
+        "size", "gloo µs", "ferrun µs", "time ×", "gloo bw", "ferrun bw", "bw ×"
+    );
+    for (size, t, bw) in ours {
+        if let Some((_, gt, gbw)) = gloo.iter().find(|(s, _, _)| s == size) {
+            println!(
+                "{size:>10} {gt:>12.1} {t:>12.1} {:>8.3} {gbw:>9.3} {bw:>9.3} {:>8.2}",
+                t / gt,
+                bw / gbw
+            );
+        }
+    }
+    println!("time × = ferrun / Gloo (lower is better); bw × = ferrun / Gloo (higher is better)\n");
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
