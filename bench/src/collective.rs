@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ferrun_collective::comm::{Communicator, Options as CommOptions};
 use ferrun_collective::reduce::ReduceOp;
-use ferrun_collective::transport::tcp::TcpTransport;
+use ferrun_collective::transport::Auto;
 
 /// The collectives the benchmark knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -124,7 +124,7 @@ impl Case {
         self.input.len().max(self.output.len())
     }
 
-    fn run(&mut self, c: &Communicator<TcpTransport>) -> anyhow::Result<()> {
+    fn run(&mut self, c: &Communicator<Auto>) -> anyhow::Result<()> {
         match self.op {
             Collective::AllReduce => c.all_reduce(&mut self.input, ReduceOp::Sum)?,
             Collective::Broadcast => c.broadcast(&mut self.input, 0)?,
@@ -139,7 +139,7 @@ impl Case {
     }
 
     /// Runs once on known data; the number of wrong elements on this rank.
-    fn check(&mut self, c: &Communicator<TcpTransport>) -> anyhow::Result<usize> {
+    fn check(&mut self, c: &Communicator<Auto>) -> anyhow::Result<usize> {
         let (r, n) = (c.rank(), c.size());
         let sum = (n * (n + 1) / 2) as f32;
         self.input.iter_mut().for_each(|x| *x = (r + 1) as f32);
@@ -197,8 +197,9 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
     let (rank, n) = (comm.rank(), comm.size());
     if rank == 0 {
         println!(
-            "# ferrun collective benchmark: {:?}, {n} ranks, float32, sum, TCP transport",
-            o.op
+            "# ferrun collective benchmark: {:?}, {n} ranks, float32, sum, {} transport",
+            o.op,
+            comm.transport().kind()
         );
         println!(
             "#{:>11} {:>12} {:>6} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}",
@@ -239,7 +240,7 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(comm: &Communicator<TcpTransport>, case: &mut Case, size: usize) -> anyhow::Result<Row> {
+fn measure(comm: &Communicator<Auto>, case: &mut Case, size: usize) -> anyhow::Result<Row> {
     let (warm, samples, k) = plan(size);
     let mut wrong = [case.check(comm)? as f64];
     comm.all_reduce(&mut wrong, ReduceOp::Sum)?;

@@ -5,12 +5,29 @@ use std::process::Command;
 use std::time::Duration;
 
 #[test]
-fn four_processes_under_ferrun_run_every_collective() {
+fn four_processes_under_ferrun_run_every_collective_over_shared_memory_and_tcp() {
+    for (forced, expected) in [("", "shm"), ("tcp", "tcp")] {
+        let stdout = launch(4, forced);
+        for r in 0..4 {
+            assert!(
+                stdout.contains(&format!(
+                    "[default{r}]:rank {r} of 4: collectives ok over {expected}"
+                )),
+                "{stdout}"
+            );
+        }
+    }
+}
+
+/// Runs `n` collective workers under `ferrun`; their output.
+fn launch(n: usize, transport: &str) -> String {
     let mut cmd = Command::new(ferrun_tests::ferrun_binary());
+    cmd.env("FERRUN_TRANSPORT", transport);
+    let nproc = n.to_string();
     cmd.args([
         "--standalone",
         "--nproc-per-node",
-        "4",
+        &nproc,
         "--max-restarts",
         "0",
         "--no-python",
@@ -35,10 +52,5 @@ fn four_processes_under_ferrun_run_every_collective() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    for r in 0..4 {
-        assert!(
-            stdout.contains(&format!("[default{r}]:rank {r} of 4: collectives ok")),
-            "{stdout}"
-        );
-    }
+    stdout.into_owned()
 }

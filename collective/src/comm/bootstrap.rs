@@ -1,12 +1,18 @@
 //! Creating a communicator from the worker environment contract: the agent store at
 //! `MASTER_ADDR:MASTER_PORT` (which `ferrun` hosts) carries every rank's address.
+//!
+//! The transport is chosen for the whole communicator: shared memory when every rank runs on
+//! this host (same boot id and network namespace), TCP otherwise; `FERRUN_TRANSPORT=tcp` or
+//! `=shm` forces one.
 
 use std::time::Duration;
 
 use super::{Communicator, Options};
 use crate::env::{EnvError, WorkerEnv};
 use crate::store::{StoreClient, StoreError};
+use crate::transport::shm::{ShmError, ShmTransport};
 use crate::transport::tcp::{BootstrapError, TcpTransport};
+use crate::transport::Auto;
 
 /// Why a communicator could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -17,15 +23,21 @@ pub enum InitError {
     /// The agent store is unreachable.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The mesh could not be built.
+    /// The TCP mesh could not be built.
     #[error(transparent)]
     Bootstrap(#[from] BootstrapError),
+    /// The shared-memory segments could not be set up.
+    #[error(transparent)]
+    Shm(#[from] ShmError),
+    /// `FERRUN_TRANSPORT` names no transport, or asks for shared memory across hosts.
+    #[error("FERRUN_TRANSPORT={0:?}: use tcp, shm (all ranks on one host) or auto")]
+    Transport(String),
     /// No runtime for the bootstrap.
     #[error("cannot start the bootstrap runtime: {0}")]
     Runtime(std::io::Error),
 }
 
-impl Communicator<TcpTransport> {
+impl Communicator<Auto> {
     /// A communicator of every worker of the job, named `name` (several may coexist), from
     /// the environment `ferrun` (or torchrun) gives each worker.
     ///
@@ -46,16 +58,43 @@ impl Communicator<TcpTransport> {
             .build()
             .map_err(InitError::Runtime)?;
         let join = options.deadline.min(Duration::from_secs(600));
+        let forced = std::env::var("FERRUN_TRANSPORT")
+            .ok()
+            .filter(|t| !t.is_empty() && t != "auto");
+        let (rank, size) = (env.rank as usize, env.world_size as usize);
         let transport = runtime.block_on(async {
             let store = StoreClient::connect(&env.master_addr, env.master_port, join).await?;
             // Per attempt, so that a restarted group never meets the addresses of the last one.
             let mut store =
                 store.prefixed(&format!("ferrun/comm/{name}/attempt_{}", env.restart_count));
-            let transport =
-                TcpTransport::connect(&mut store, env.rank as usize, env.world_size as usize, join)
-                    .await?;
+            store
+                .set(&format!("host/{rank}"), host_identity().as_bytes())
+                .await?;
+            let keys: Vec<String> = (0..size).map(|r| format!("host/{r}")).collect();
+            let hosts = store
+                .multi_get(&keys.iter().map(String::as_str).collect::<Vec<_>>())
+                .await?;
+            let one_host = hosts.windows(2).all(|w| w[0] == w[1]);
+            let transport = match (forced.as_deref(), one_host) {
+                (Some("shm"), true) | (None, true) => {
+                    Auto::Shm(ShmTransport::connect(&mut store, rank, size, join).await?)
+                }
+                (Some("tcp"), _) | (None, false) => {
+                    Auto::Tcp(TcpTransport::connect(&mut store, rank, size, join).await?)
+                }
+                (Some(other), _) => return Err(InitError::Transport(other.to_owned())),
+            };
             Ok::<_, InitError>(transport)
         })?;
         Ok(Self::new(transport, options))
     }
+}
+
+/// What makes two ranks able to share memory: the same kernel boot and network namespace.
+fn host_identity() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let netns = std::fs::read_link("/proc/self/ns/net")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    format!("{}|{netns}", boot.trim())
 }

@@ -94,6 +94,11 @@ impl<T: Transport> Communicator<T> {
         self.transport.size()
     }
 
+    /// The transport underneath.
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
     /// The next collective's tag: all ranks count their collectives alike.
     fn next_tag(&self) -> u64 {
         self.sequence.fetch_add(1, Ordering::Relaxed)

@@ -2,12 +2,13 @@
 //!
 //! - [`mem`]: ranks as threads of one process (the test harness, gloo's `spawn` pattern).
 //! - [`tcp`]: one TCP connection per pair of ranks, bootstrapped through the store.
-//!
-//! Shared memory (within a host) will implement the same trait.
+//! - [`shm`]: shared-memory rings between the ranks of one host.
+//! - [`Auto`]: shared memory when every rank is on this host, TCP otherwise.
 
 use std::time::Duration;
 
 pub mod mem;
+pub mod shm;
 pub mod tcp;
 
 /// A failure to move bytes, naming the peer.
@@ -63,4 +64,53 @@ pub trait Transport: Send + Sync {
         recv: Option<(usize, &mut [u8])>,
         deadline: Duration,
     ) -> Result<(), TransportError>;
+}
+
+/// The transport a communicator picked: shared memory when all its ranks share a host (and
+/// network namespace), TCP otherwise; `FERRUN_TRANSPORT=tcp|shm` forces one.
+#[derive(Debug)]
+pub enum Auto {
+    /// Shared memory.
+    Shm(shm::ShmTransport),
+    /// TCP.
+    Tcp(tcp::TcpTransport),
+}
+
+impl Auto {
+    /// `"shm"` or `"tcp"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Shm(_) => "shm",
+            Self::Tcp(_) => "tcp",
+        }
+    }
+}
+
+impl Transport for Auto {
+    fn rank(&self) -> usize {
+        match self {
+            Self::Shm(t) => t.rank(),
+            Self::Tcp(t) => t.rank(),
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Self::Shm(t) => t.size(),
+            Self::Tcp(t) => t.size(),
+        }
+    }
+
+    fn exchange(
+        &self,
+        tag: u64,
+        send: Option<(usize, &[u8])>,
+        recv: Option<(usize, &mut [u8])>,
+        deadline: Duration,
+    ) -> Result<(), TransportError> {
+        match self {
+            Self::Shm(t) => t.exchange(tag, send, recv, deadline),
+            Self::Tcp(t) => t.exchange(tag, send, recv, deadline),
+        }
+    }
 }

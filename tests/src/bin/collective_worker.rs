@@ -49,6 +49,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("all_gather gave {gathered:?}").into());
     }
     comm.barrier()?;
-    println!("rank {r} of {n}: collectives ok");
+    println!(
+        "rank {r} of {n}: collectives ok over {}",
+        comm.transport().kind()
+    );
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! The communicator over real TCP sockets on loopback, bootstrapped through the store: ranks
-//! as threads, each with its own sockets.
+//! The communicator over its real transports — TCP sockets on loopback and shared-memory
+//! rings — bootstrapped through the store: ranks as threads, each with its own sockets or maps.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,13 +7,23 @@ use std::time::{Duration, Instant};
 use ferrun_collective::comm::{CommError, Communicator, Options};
 use ferrun_collective::reduce::ReduceOp;
 use ferrun_collective::store::{StoreClient, StoreServer};
+use ferrun_collective::transport::shm::ShmTransport;
 use ferrun_collective::transport::tcp::TcpTransport;
-use ferrun_collective::transport::TransportError;
+use ferrun_collective::transport::{Auto, TransportError};
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Tcp,
+    Shm,
+}
+
+const KINDS: [Kind; 2] = [Kind::Tcp, Kind::Shm];
 
 fn spawn<R: Send + 'static>(
+    kind: Kind,
     n: usize,
     options: Options,
-    f: impl Fn(Communicator<TcpTransport>) -> R + Send + Sync + 'static,
+    f: impl Fn(Communicator<Auto>) -> R + Send + Sync + 'static,
 ) -> Vec<R> {
     let server = StoreServer::bind("127.0.0.1:0".parse().expect("addr")).expect("store");
     let port = server.local_addr().port();
@@ -32,9 +42,18 @@ fn spawn<R: Send + 'static>(
                         .await
                         .expect("store")
                         .prefixed("comm");
-                    TcpTransport::connect(&mut store, rank, n, timeout)
-                        .await
-                        .expect("mesh")
+                    match kind {
+                        Kind::Tcp => Auto::Tcp(
+                            TcpTransport::connect(&mut store, rank, n, timeout)
+                                .await
+                                .expect("mesh"),
+                        ),
+                        Kind::Shm => Auto::Shm(
+                            ShmTransport::connect(&mut store, rank, n, timeout)
+                                .await
+                                .expect("segments"),
+                        ),
+                    }
                 });
                 f(Communicator::new(transport, options))
             })
@@ -49,10 +68,11 @@ fn spawn<R: Send + 'static>(
 }
 
 #[test]
-fn all_reduce_over_tcp_small_and_large_any_world() {
-    for n in [1, 2, 3, 5] {
+fn all_reduce_small_and_large_any_world_on_both_transports() {
+    for (kind, n) in KINDS.into_iter().flat_map(|k| [1, 2, 3, 5].map(|n| (k, n))) {
         for small_bytes in [0, usize::MAX] {
             let results = spawn(
+                kind,
                 n,
                 Options {
                     deadline: Duration::from_secs(20),
@@ -76,7 +96,10 @@ fn all_reduce_over_tcp_small_and_large_any_world() {
                     let expected: Vec<f32> = (0..count)
                         .map(|i| (0..n).map(|r| ((r * 31 + i) % 17) as f32).sum())
                         .collect();
-                    assert!(*buf == expected, "n={n} count={count} small={small_bytes}");
+                    assert!(
+                        *buf == expected,
+                        "{kind:?} n={n} count={count} small={small_bytes}"
+                    );
                 }
             }
         }
@@ -84,9 +107,15 @@ fn all_reduce_over_tcp_small_and_large_any_world() {
 }
 
 #[test]
-fn every_collective_over_tcp() {
+fn every_collective_on_both_transports() {
+    for kind in KINDS {
+        every_collective(kind);
+    }
+}
+
+fn every_collective(kind: Kind) {
     let n = 4;
-    let results = spawn(n, Options::default(), |c| {
+    let results = spawn(kind, n, Options::default(), |c| {
         let r = c.rank();
         let mut b = vec![r as i64; 5];
         c.broadcast(&mut b, 2).expect("broadcast");
@@ -124,6 +153,7 @@ fn every_collective_over_tcp() {
 #[test]
 fn a_peer_that_dies_is_named_and_nobody_hangs() {
     let results = spawn(
+        Kind::Tcp,
         3,
         Options {
             deadline: Duration::from_secs(10),

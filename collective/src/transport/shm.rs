@@ -1,0 +1,486 @@
+//! Shared memory between the ranks of one host.
+//!
+//! Every rank owns a segment holding a doorbell and one inbound ring per peer. A sender copies
+//! frames (`tag: u64, len: u64`, payload) into its ring in the receiver's segment; a receiver
+//! copies them out straight into the typed buffer. Progress is announced by bumping the other
+//! side's doorbell, a futex word: a rank with nothing to do sleeps on its own doorbell, so
+//! waiting ranks leave the cores to the working ones.
+//!
+//! # Guarantees
+//! - Segments are unlinked from `/dev/shm` as soon as every rank has mapped them: nothing is
+//!   left behind, even when a process is killed (the kernel frees the memory with the last map).
+//! - Every wait is bounded by the exchange's deadline.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::{Transport, TransportError};
+use crate::store::{StoreClient, StoreError};
+
+/// Bytes of each inbound ring (a power of two).
+const RING: usize = 1 << 20;
+const HEADER: usize = 16;
+/// Ring control block: producer and consumer counters on cache lines of their own.
+const CONTROL: usize = 128;
+/// Doorbell area at the start of a segment.
+const BELL: usize = 64;
+/// Spins on the rings before sleeping on the doorbell (cheap for short waits).
+const SPINS: u32 = 200;
+
+/// Why the segments could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ShmError {
+    /// The store failed (segment names are exchanged through it).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A file or mapping operation failed.
+    #[error("shared memory: cannot {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// One mapped segment.
+#[derive(Debug)]
+struct Mapping {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; all access to it goes through atomics or through
+// ranges that the ring protocol hands to exactly one side at a time.
+#[allow(unsafe_code)]
+unsafe impl Send for Mapping {}
+#[allow(unsafe_code)]
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` came from a successful mmap and are unmapped once.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+fn segment_len(size: usize) -> usize {
+    BELL + size * (CONTROL + RING)
+}
+
+impl Mapping {
+    #[allow(unsafe_code)]
+    fn open(path: &PathBuf, len: usize, create: bool) -> std::io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(create)
+            .open(path)?;
+        if create {
+            file.set_len(len as u64)?;
+        }
+        // SAFETY: a fresh shared mapping of a file of at least `len` bytes; checked for failure.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let base = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+        Ok(Self { base, len })
+    }
+
+    #[allow(unsafe_code)]
+    fn atomic_u64(&self, offset: usize) -> &AtomicU64 {
+        debug_assert!(offset % 8 == 0 && offset + 8 <= self.len);
+        // SAFETY: in bounds, 8-aligned (the mapping is page aligned), and only ever accessed
+        // atomically; the reference lives no longer than the mapping.
+        unsafe { &*self.base.as_ptr().add(offset).cast::<AtomicU64>() }
+    }
+
+    fn bell(&self) -> &AtomicU32 {
+        #[allow(unsafe_code)]
+        // SAFETY: as `atomic_u64`, at offset 0.
+        unsafe {
+            &*self.base.as_ptr().cast::<AtomicU32>()
+        }
+    }
+
+    fn ring_base(&self, from: usize) -> usize {
+        BELL + from * (CONTROL + RING)
+    }
+}
+
+/// Copies `bytes` into a ring at a position that may wrap.
+#[allow(unsafe_code)]
+fn ring_write(map: &Mapping, ring: usize, pos: u64, bytes: &[u8]) {
+    let at = (pos as usize) & (RING - 1);
+    let first = bytes.len().min(RING - at);
+    // SAFETY: both ranges lie inside this ring's data area, which the ring protocol gives the
+    // producer alone (free space between tail and head + RING).
+    unsafe {
+        let base = map.base.as_ptr().add(ring + CONTROL);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), base.add(at), first);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr().add(first), base, bytes.len() - first);
+    }
+}
+
+/// Copies from a ring at a position that may wrap into `bytes`.
+#[allow(unsafe_code)]
+fn ring_read(map: &Mapping, ring: usize, pos: u64, bytes: &mut [u8]) {
+    let at = (pos as usize) & (RING - 1);
+    let first = bytes.len().min(RING - at);
+    // SAFETY: both ranges lie inside this ring's data area, which the ring protocol gives the
+    // consumer alone (filled space between tail and head).
+    unsafe {
+        let base = map.base.as_ptr().add(ring + CONTROL);
+        std::ptr::copy_nonoverlapping(base.add(at), bytes.as_mut_ptr(), first);
+        std::ptr::copy_nonoverlapping(base, bytes.as_mut_ptr().add(first), bytes.len() - first);
+    }
+}
+
+#[allow(unsafe_code)]
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: a valid futex word in shared memory (hence no FUTEX_PRIVATE_FLAG) and a valid
+    // timespec; a spurious or early return is handled by the caller's loop.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        )
+    };
+}
+
+#[allow(unsafe_code)]
+fn ring_bell(word: &AtomicU32) {
+    word.fetch_add(1, Ordering::Release);
+    // SAFETY: a valid futex word; wakes every waiter.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+}
+
+/// One rank's end of the shared-memory mesh of a host.
+#[derive(Debug)]
+pub struct ShmTransport {
+    rank: usize,
+    size: usize,
+    /// `segments[r]`: rank r's segment (its doorbell and inbound rings).
+    segments: Vec<Mapping>,
+    /// Frames read from a peer for tags not asked for yet.
+    early: Vec<Mutex<HashMap<u64, VecDeque<Vec<u8>>>>>,
+}
+
+impl ShmTransport {
+    /// Creates this rank's segment, maps every peer's (names exchanged under `store`), then
+    /// unlinks its own once all are mapped.
+    ///
+    /// # Errors
+    /// [`ShmError`] naming the store or file operation that failed.
+    pub async fn connect(
+        store: &mut StoreClient,
+        rank: usize,
+        size: usize,
+        timeout: Duration,
+    ) -> Result<Self, ShmError> {
+        let io = |what: String| move |source| ShmError::Io { what, source };
+        let len = segment_len(size);
+        let unique = format!(
+            "{}-{:x}",
+            std::process::id(),
+            Instant::now().elapsed().subsec_nanos() ^ (rank as u32).wrapping_mul(2_654_435_761)
+        );
+        let path = PathBuf::from(format!("/dev/shm/ferrun-{unique}-{rank}"));
+        let own = Mapping::open(&path, len, true).map_err(io(format!(
+            "create {} ({len} bytes; is /dev/shm large enough?)",
+            path.display()
+        )))?;
+        store
+            .set(
+                &format!("shm/{rank}"),
+                path.display().to_string().as_bytes(),
+            )
+            .await?;
+        let mut segments = Vec::with_capacity(size);
+        let mut own = Some(own);
+        for peer in 0..size {
+            if peer == rank {
+                segments.extend(own.take());
+                continue;
+            }
+            let name =
+                String::from_utf8_lossy(&store.get(&format!("shm/{peer}")).await?).into_owned();
+            segments.push(
+                Mapping::open(&PathBuf::from(&name), len, false)
+                    .map_err(io(format!("map rank {peer}'s segment {name}")))?,
+            );
+        }
+        if store.add("shm/mapped", 1).await? == size as i64 {
+            store.set("shm/all_mapped", b"").await?;
+        }
+        store.wait(&["shm/all_mapped"], timeout).await?;
+        std::fs::remove_file(&path).map_err(io(format!("unlink {}", path.display())))?;
+        Ok(Self {
+            rank,
+            size,
+            segments,
+            early: (0..size).map(|_| Mutex::new(HashMap::new())).collect(),
+        })
+    }
+
+    /// The ring carrying `from → to`, in `to`'s segment.
+    fn ring(&self, from: usize, to: usize) -> (&Mapping, usize) {
+        let map = &self.segments[to];
+        (map, map.ring_base(from))
+    }
+}
+
+/// Progress of the send side of an exchange.
+struct Sending<'a> {
+    peer: usize,
+    header: [u8; HEADER],
+    payload: &'a [u8],
+    written: usize,
+}
+
+/// The frame being read from a peer.
+enum Current {
+    /// A frame for the awaited tag, landing straight in the receive buffer.
+    Direct { copied: usize },
+    /// A frame for another tag, kept for its own receive.
+    Early {
+        tag: u64,
+        buf: Vec<u8>,
+        copied: usize,
+    },
+}
+
+/// Progress of the receive side.
+struct Receiving<'a> {
+    peer: usize,
+    out: &'a mut [u8],
+    current: Option<Current>,
+    done: bool,
+}
+
+impl ShmTransport {
+    /// Writes as much of the frame as the ring has room for; whether anything moved.
+    fn push(&self, s: &mut Sending<'_>) -> bool {
+        let (map, ring) = self.ring(self.rank, s.peer);
+        let (head, tail) = (map.atomic_u64(ring), map.atomic_u64(ring + 64));
+        let h = head.load(Ordering::Relaxed);
+        let room = RING - (h - tail.load(Ordering::Acquire)) as usize;
+        let n = room.min(HEADER + s.payload.len() - s.written);
+        if n == 0 {
+            return false;
+        }
+        let (mut pos, mut left) = (h, n);
+        if s.written < HEADER {
+            let k = left.min(HEADER - s.written);
+            ring_write(map, ring, pos, &s.header[s.written..s.written + k]);
+            (pos, left, s.written) = (pos + k as u64, left - k, s.written + k);
+        }
+        if left > 0 {
+            let from = s.written - HEADER;
+            ring_write(map, ring, pos, &s.payload[from..from + left]);
+            s.written += left;
+        }
+        head.store(h + n as u64, Ordering::Release);
+        ring_bell(self.segments[s.peer].bell());
+        true
+    }
+
+    /// Consumes what the peer's ring holds, without waiting; whether anything moved.
+    fn pull(&self, r: &mut Receiving<'_>, tag: u64) -> Result<bool, TransportError> {
+        let (map, ring) = self.ring(r.peer, self.rank);
+        let (head, tail) = (map.atomic_u64(ring), map.atomic_u64(ring + 64));
+        let mut moved = false;
+        loop {
+            let t = tail.load(Ordering::Relaxed);
+            let available = (head.load(Ordering::Acquire) - t) as usize;
+            if r.current.is_none() {
+                let mut early = self.early[r.peer]
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(message) = early.get_mut(&tag).and_then(VecDeque::pop_front) {
+                    if message.len() != r.out.len() {
+                        return Err(TransportError::Size {
+                            peer: r.peer,
+                            expected: r.out.len(),
+                            got: message.len(),
+                        });
+                    }
+                    r.out.copy_from_slice(&message);
+                    r.done = true;
+                    return Ok(true);
+                }
+                if available < HEADER {
+                    if moved {
+                        ring_bell(self.segments[r.peer].bell());
+                    }
+                    return Ok(moved);
+                }
+                let mut header = [0u8; HEADER];
+                ring_read(map, ring, t, &mut header);
+                tail.store(t + HEADER as u64, Ordering::Release);
+                moved = true;
+                let frame_tag = u64::from_le_bytes(header[..8].try_into().unwrap_or_default());
+                let len = u64::from_le_bytes(header[8..].try_into().unwrap_or_default()) as usize;
+                r.current = Some(if frame_tag == tag {
+                    if len != r.out.len() {
+                        return Err(TransportError::Size {
+                            peer: r.peer,
+                            expected: r.out.len(),
+                            got: len,
+                        });
+                    }
+                    Current::Direct { copied: 0 }
+                } else {
+                    Current::Early {
+                        tag: frame_tag,
+                        buf: vec![0u8; len],
+                        copied: 0,
+                    }
+                });
+                continue;
+            }
+            let (target, copied): (&mut [u8], &mut usize) = match r.current.as_mut() {
+                Some(Current::Direct { copied }) => (&mut *r.out, copied),
+                Some(Current::Early { buf, copied, .. }) => (buf.as_mut_slice(), copied),
+                None => return Ok(moved),
+            };
+            let n = available.min(target.len() - *copied);
+            if n > 0 {
+                ring_read(map, ring, t, &mut target[*copied..*copied + n]);
+                *copied += n;
+                tail.store(t + n as u64, Ordering::Release);
+                moved = true;
+            }
+            if *copied < target.len() {
+                if moved {
+                    ring_bell(self.segments[r.peer].bell());
+                }
+                return Ok(moved);
+            }
+            match r.current.take() {
+                Some(Current::Early {
+                    tag: other, buf, ..
+                }) => {
+                    self.early[r.peer]
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .entry(other)
+                        .or_default()
+                        .push_back(buf);
+                }
+                _ => {
+                    r.done = true;
+                    ring_bell(self.segments[r.peer].bell());
+                    return Ok(true);
+                }
+            }
+        }
+    }
+}
+
+impl Transport for ShmTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn exchange(
+        &self,
+        tag: u64,
+        send: Option<(usize, &[u8])>,
+        recv: Option<(usize, &mut [u8])>,
+        deadline: Duration,
+    ) -> Result<(), TransportError> {
+        let until = Instant::now() + deadline;
+        let mut sending = send.map(|(peer, payload)| {
+            let mut header = [0u8; HEADER];
+            header[..8].copy_from_slice(&tag.to_le_bytes());
+            header[8..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+            Sending {
+                peer,
+                header,
+                payload,
+                written: 0,
+            }
+        });
+        let mut receiving = recv.map(|(peer, out)| Receiving {
+            peer,
+            out,
+            current: None,
+            done: false,
+        });
+        let mut idle = 0u32;
+        loop {
+            let bell = self.segments[self.rank].bell();
+            let seen = bell.load(Ordering::Acquire);
+            let mut moved = false;
+            if let Some(s) = sending
+                .as_mut()
+                .filter(|s| s.written < HEADER + s.payload.len())
+            {
+                moved |= self.push(s);
+            }
+            if let Some(r) = receiving.as_mut().filter(|r| !r.done) {
+                moved |= self.pull(r, tag)?;
+            }
+            let send_done = sending
+                .as_ref()
+                .is_none_or(|s| s.written == HEADER + s.payload.len());
+            let recv_done = receiving.as_ref().is_none_or(|r| r.done);
+            if send_done && recv_done {
+                return Ok(());
+            }
+            if moved {
+                idle = 0;
+                continue;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let peer = if recv_done {
+                    sending.map_or(0, |s| s.peer)
+                } else {
+                    receiving.map_or(0, |r| r.peer)
+                };
+                return Err(TransportError::Timeout {
+                    peer,
+                    after: deadline,
+                });
+            }
+            idle += 1;
+            if idle < SPINS {
+                std::hint::spin_loop();
+            } else {
+                // Sleep until a peer rings (the bell changed since `seen`), bounded.
+                futex_wait(bell, seen, left.min(Duration::from_millis(100)));
+            }
+        }
+    }
+}
