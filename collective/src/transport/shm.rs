@@ -204,6 +204,7 @@ impl ShmTransport {
         timeout: Duration,
     ) -> Result<Self, ShmError> {
         let io = |what: String| move |source| ShmError::Io { what, source };
+        remove_stale_segments();
         let len = segment_len(size);
         let unique = format!(
             "{}-{:x}",
@@ -252,6 +253,37 @@ impl ShmTransport {
     fn ring(&self, from: usize, to: usize) -> (&Mapping, usize) {
         let map = &self.segments[to];
         (map, map.ring_base(from))
+    }
+}
+
+/// Age past which an unmapped segment of a dead process counts as left behind.
+const STALE_AFTER: Duration = Duration::from_secs(60);
+
+/// Removes segments left in `/dev/shm` by processes that died before every rank had mapped
+/// them (after that, segments are unlinked already). Their creator's pid is in their name.
+pub fn remove_stale_segments() {
+    let Ok(entries) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("ferrun-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok());
+        // Only old files: a process in another pid namespace sharing /dev/shm looks dead from
+        // here, but its bootstrap window is milliseconds long.
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_AFTER);
+        if let (Some(pid), true) = (pid, old) {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 }
 
