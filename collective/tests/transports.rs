@@ -236,3 +236,32 @@ fn shared_memory_leaves_nothing_behind_and_clears_what_the_dead_left() {
         .collect();
     assert!(ours.is_empty(), "segments left in /dev/shm: {ours:?}");
 }
+
+#[test]
+fn mismatched_collectives_are_named_on_both_transports() {
+    for kind in KINDS {
+        let results = spawn(
+            kind,
+            2,
+            Options {
+                deadline: Duration::from_secs(10),
+                small_bytes: 0,
+            },
+            |c| {
+                let started = Instant::now();
+                let count = if c.rank() == 0 { 1000 } else { 1001 };
+                let err = c
+                    .all_reduce(&mut vec![0f32; count], ReduceOp::Sum)
+                    .expect_err("counts differ");
+                (err.to_string(), started.elapsed())
+            },
+        );
+        for (err, took) in results {
+            assert!(took < Duration::from_secs(3), "{kind:?}: {took:?}");
+            assert!(
+                err.contains("F32 × 1000") && err.contains("F32 × 1001"),
+                "{kind:?}: {err}"
+            );
+        }
+    }
+}

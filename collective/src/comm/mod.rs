@@ -19,10 +19,8 @@ use std::time::Duration;
 
 use crate::reduce::{bytes_of, bytes_of_mut, combine_into, finish, Element, ReduceOp};
 use crate::schedule::{self, DoublingStep};
-use crate::transport::{Transport, TransportError};
-
-/// Tags at or above this bit belong to user `send`/`recv`; below, to collectives.
-const USER_TAG: u64 = 1 << 63;
+use crate::transport::label::{ABORT_TAG, USER_TAG};
+use crate::transport::{Call, Kind, Label, Transport, TransportError};
 
 /// A collective that failed, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,25 +97,59 @@ impl<T: Transport> Communicator<T> {
         &self.transport
     }
 
-    /// The next collective's tag: all ranks count their collectives alike.
-    fn next_tag(&self) -> u64 {
-        self.sequence.fetch_add(1, Ordering::Relaxed)
+    /// The next collective's label: all ranks count their collectives alike, and each
+    /// message says what was called, so that peers that disagree are told so.
+    fn next_label<E: Element>(
+        &self,
+        kind: Kind,
+        count: usize,
+        reduce: Option<ReduceOp>,
+        root: Option<usize>,
+    ) -> Label {
+        let tag = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let dtype = (kind != Kind::Barrier).then_some(E::DTYPE);
+        let call = Call {
+            kind,
+            dtype,
+            reduce,
+            root: root.map(|r| r as u32),
+            count: count as u64,
+        };
+        Label { tag, call }
     }
 
     fn exchange(
         &self,
         op: &'static str,
-        tag: u64,
+        tag: Label,
         send: Option<(usize, &[u8])>,
         recv: Option<(usize, &mut [u8])>,
     ) -> Result<(), CommError> {
         self.transport
             .exchange(tag, send, recv, self.options.deadline)
-            .map_err(|source| CommError::Transport {
-                op,
-                rank: self.rank(),
-                source,
+            .map_err(|source| {
+                if matches!(source, TransportError::Mismatch { .. }) {
+                    self.abort(tag.call);
+                }
+                CommError::Transport {
+                    op,
+                    rank: self.rank(),
+                    source,
+                }
             })
+    }
+
+    /// Tells every peer that this rank gives up on `call` (best effort, briefly bounded).
+    fn abort(&self, call: Call) {
+        let label = Label {
+            tag: ABORT_TAG,
+            call,
+        };
+        for peer in (0..self.size()).filter(|&p| p != self.rank()) {
+            let _ = self
+                .transport
+                .exchange(label, Some((peer, &[])), None, Duration::from_secs(1));
+        }
     }
 
     fn check_root(&self, op: &'static str, root: usize) -> Result<(), CommError> {
@@ -139,7 +171,7 @@ impl<T: Transport> Communicator<T> {
     /// # Errors
     /// [`CommError::Transport`] naming the peer that failed.
     pub fn all_reduce<E: Element>(&self, buf: &mut [E], op: ReduceOp) -> Result<(), CommError> {
-        let tag = self.next_tag();
+        let tag = self.next_label::<E>(Kind::AllReduce, buf.len(), Some(op), None);
         let n = self.size();
         if n > 1 {
             if std::mem::size_of_val(buf) <= self.options.small_bytes {
@@ -155,7 +187,7 @@ impl<T: Transport> Communicator<T> {
 
     fn doubling_all_reduce<E: Element>(
         &self,
-        tag: u64,
+        tag: Label,
         buf: &mut [E],
         op: ReduceOp,
     ) -> Result<(), CommError> {
@@ -190,7 +222,7 @@ impl<T: Transport> Communicator<T> {
     /// Ring reduce-scatter in place: afterwards chunk `rank` of `buf` is fully reduced.
     fn ring_reduce_scatter<E: Element>(
         &self,
-        tag: u64,
+        tag: Label,
         buf: &mut [E],
         op: ReduceOp,
     ) -> Result<(), CommError> {
@@ -220,7 +252,7 @@ impl<T: Transport> Communicator<T> {
     fn ring_all_gather<E: Element>(
         &self,
         op: &'static str,
-        tag: u64,
+        tag: Label,
         buf: &mut [E],
     ) -> Result<(), CommError> {
         let (n, len) = (self.size(), buf.len());
@@ -248,7 +280,7 @@ impl<T: Transport> Communicator<T> {
     pub fn broadcast<E: Element>(&self, buf: &mut [E], root: usize) -> Result<(), CommError> {
         const OP: &str = "broadcast";
         self.check_root(OP, root)?;
-        let tag = self.next_tag();
+        let tag = self.next_label::<E>(Kind::Broadcast, buf.len(), None, Some(root));
         let (parent, children) = schedule::broadcast_tree(self.rank(), self.size(), root);
         if let Some(p) = parent {
             self.exchange(OP, tag, None, Some((p, bytes_of_mut(buf))))?;
@@ -271,7 +303,7 @@ impl<T: Transport> Communicator<T> {
     ) -> Result<(), CommError> {
         const OP: &str = "reduce";
         self.check_root(OP, root)?;
-        let tag = self.next_tag();
+        let tag = self.next_label::<E>(Kind::Reduce, buf.len(), Some(op), Some(root));
         let (children, parent) = schedule::reduce_tree(self.rank(), self.size(), root);
         let mut acc = buf.to_vec();
         let mut incoming = vec![E::ZERO; buf.len()];
@@ -304,7 +336,7 @@ impl<T: Transport> Communicator<T> {
                 ),
             });
         }
-        let tag = self.next_tag();
+        let tag = self.next_label::<E>(Kind::AllGather, m, None, None);
         output[self.rank() * m..(self.rank() + 1) * m].copy_from_slice(input);
         self.ring_all_gather("all_gather", tag, output)
     }
@@ -329,7 +361,7 @@ impl<T: Transport> Communicator<T> {
                 ),
             });
         }
-        let tag = self.next_tag();
+        let tag = self.next_label::<E>(Kind::ReduceScatter, m, Some(op), None);
         let mut acc = input.to_vec();
         self.ring_reduce_scatter(tag, &mut acc, op)?;
         output.copy_from_slice(&acc[self.rank() * m..(self.rank() + 1) * m]);
@@ -355,7 +387,7 @@ impl<T: Transport> Communicator<T> {
             });
         }
         let (m, r) = (input.len() / n, self.rank());
-        let tag = self.next_tag();
+        let tag = self.next_label::<E>(Kind::AllToAll, input.len(), None, None);
         output[r * m..(r + 1) * m].copy_from_slice(&input[r * m..(r + 1) * m]);
         for (to, from) in schedule::pairwise(r, n) {
             let sent = bytes_of(&input[to * m..(to + 1) * m]);
@@ -370,7 +402,7 @@ impl<T: Transport> Communicator<T> {
     /// # Errors
     /// [`CommError::Transport`] naming a rank that did not arrive in time.
     pub fn barrier(&self) -> Result<(), CommError> {
-        let tag = self.next_tag();
+        let tag = self.next_label::<u8>(Kind::Barrier, 0, None, None);
         for (to, from) in schedule::dissemination(self.rank(), self.size()) {
             self.exchange("barrier", tag, Some((to, &[])), Some((from, &mut [])))?;
         }
@@ -385,7 +417,7 @@ impl<T: Transport> Communicator<T> {
         self.check_peer("send", peer)?;
         self.exchange(
             "send",
-            USER_TAG | u64::from(tag),
+            p2p_label::<E>(tag, buf.len()),
             Some((peer, bytes_of(buf))),
             None,
         )
@@ -399,7 +431,7 @@ impl<T: Transport> Communicator<T> {
         self.check_peer("recv", peer)?;
         self.exchange(
             "recv",
-            USER_TAG | u64::from(tag),
+            p2p_label::<E>(tag, buf.len()),
             None,
             Some((peer, bytes_of_mut(buf))),
         )
@@ -423,6 +455,21 @@ impl<T: Transport> Communicator<T> {
 mod bootstrap;
 
 pub use bootstrap::InitError;
+
+/// The label of a user message: its tag, and what both sides must agree on.
+fn p2p_label<E: Element>(tag: u32, count: usize) -> Label {
+    let call = Call {
+        kind: Kind::PointToPoint,
+        dtype: Some(E::DTYPE),
+        reduce: None,
+        root: None,
+        count: count as u64,
+    };
+    Label {
+        tag: USER_TAG | u64::from(tag),
+        call,
+    }
+}
 
 /// Ring chunks move in segments of this many bytes, so that a received segment is combined
 /// while it is still in cache, and no step needs a chunk-sized scratch buffer.

@@ -285,3 +285,98 @@ fn a_rank_that_never_comes_is_named_within_the_deadline() {
         assert!(err.to_string().contains("must be rebuilt"), "{err}");
     }
 }
+
+/// Runs a different call on each of two ranks; their errors, as text.
+fn mismatch(
+    f: impl Fn(&Communicator<MemTransport>) -> Result<(), CommError> + Send + Sync + 'static,
+) -> Vec<String> {
+    spawn(
+        2,
+        Options {
+            deadline: Duration::from_secs(5),
+            small_bytes: 0,
+        },
+        move |c| {
+            let started = std::time::Instant::now();
+            let err = f(&c).expect_err("the ranks called different collectives");
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "found only after {:?}: {err}",
+                started.elapsed()
+            );
+            err.to_string()
+        },
+    )
+}
+
+#[test]
+fn ranks_that_call_different_collectives_are_told_what_each_called() {
+    let errs = mismatch(|c| {
+        let mut buf = [1f32; 64];
+        if c.rank() == 0 {
+            c.all_reduce(&mut buf, ReduceOp::Sum)
+        } else {
+            c.broadcast(&mut buf, 0)
+        }
+    });
+    // Rank 1 (a broadcast receiver) sees rank 0's all_reduce message and names both calls;
+    // rank 0, which waits on a message rank 1 will never send, hears that rank 1 gave up.
+    assert!(
+        errs[1].contains("rank 0 called all_reduce(F32 × 64, Sum)")
+            && errs[1].contains("broadcast(F32 × 64, root 0)"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[0].contains("rank 1 gave up on its broadcast(F32 × 64, root 0)"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn different_counts_dtypes_and_ops_are_caught() {
+    let errs = mismatch(|c| {
+        let n = if c.rank() == 0 { 10 } else { 12 };
+        c.all_reduce(&mut vec![0i32; n], ReduceOp::Sum)
+    });
+    assert!(
+        errs[0].contains("I32 × 12") && errs[0].contains("I32 × 10"),
+        "{errs:?}"
+    );
+    let errs = mismatch(|c| {
+        if c.rank() == 0 {
+            c.all_reduce(&mut [0f32; 8], ReduceOp::Max)
+        } else {
+            c.all_reduce(&mut [0f64; 4], ReduceOp::Max)
+        }
+    });
+    assert!(errs[0].contains("F64 × 4"), "{errs:?}");
+    let errs = mismatch(|c| {
+        let op = if c.rank() == 0 {
+            ReduceOp::Sum
+        } else {
+            ReduceOp::Max
+        };
+        c.all_reduce(&mut [0f32; 8], op)
+    });
+    assert!(
+        errs[0].contains("Max") && errs[0].contains("Sum"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn a_rank_that_skipped_a_collective_is_caught_at_once() {
+    let errs = mismatch(|c| {
+        if c.rank() == 1 {
+            c.barrier()?;
+        }
+        c.all_reduce(&mut [1f32; 16], ReduceOp::Sum)?;
+        c.all_reduce(&mut [1f32; 16], ReduceOp::Sum)
+    });
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("every rank must call the same collectives")),
+        "{errs:?}"
+    );
+    assert!(errs.iter().any(|e| e.contains("barrier()")), "{errs:?}");
+}

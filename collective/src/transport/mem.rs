@@ -4,9 +4,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Transport, TransportError};
+use super::{classify, Arrival, Label, Transport, TransportError};
 
-type Mailboxes = HashMap<(usize, usize, u64), VecDeque<Vec<u8>>>;
+/// Per `(from, to)`: the messages in the order they were sent.
+type Mailboxes = HashMap<(usize, usize), VecDeque<(Label, Vec<u8>)>>;
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -47,7 +48,7 @@ impl Transport for MemTransport {
 
     fn exchange(
         &self,
-        tag: u64,
+        label: Label,
         send: Option<(usize, &[u8])>,
         recv: Option<(usize, &mut [u8])>,
         deadline: Duration,
@@ -60,9 +61,9 @@ impl Transport for MemTransport {
         };
         if let Some((peer, bytes)) = send {
             lock()
-                .entry((self.rank, peer, tag))
+                .entry((self.rank, peer))
                 .or_default()
-                .push_back(bytes.to_vec());
+                .push_back((label, bytes.to_vec()));
             self.shared.arrived.notify_all();
         }
         let Some((peer, out)) = recv else {
@@ -71,19 +72,25 @@ impl Transport for MemTransport {
         let until = Instant::now() + deadline;
         let mut boxes = lock();
         loop {
-            if let Some(message) = boxes
-                .get_mut(&(peer, self.rank, tag))
-                .and_then(VecDeque::pop_front)
-            {
-                if message.len() != out.len() {
-                    return Err(TransportError::Size {
-                        peer,
-                        expected: out.len(),
-                        got: message.len(),
-                    });
+            if let Some(queue) = boxes.get_mut(&(peer, self.rank)) {
+                let mut found = None;
+                for (i, (theirs, _)) in queue.iter().enumerate() {
+                    if let Arrival::Awaited = classify(peer, &label, theirs)? {
+                        found = Some(i);
+                        break;
+                    }
                 }
-                out.copy_from_slice(&message);
-                return Ok(());
+                if let Some((_, message)) = found.and_then(|i| queue.remove(i)) {
+                    if message.len() != out.len() {
+                        return Err(TransportError::Size {
+                            peer,
+                            expected: out.len(),
+                            got: message.len(),
+                        });
+                    }
+                    out.copy_from_slice(&message);
+                    return Ok(());
+                }
             }
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {

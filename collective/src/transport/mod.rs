@@ -7,9 +7,12 @@
 
 use std::time::Duration;
 
+pub mod label;
 pub mod mem;
 pub mod shm;
 pub mod tcp;
+
+pub use label::{Call, Kind, Label};
 
 /// A failure to move bytes, naming the peer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,6 +36,28 @@ pub enum TransportError {
         expected: usize,
         /// Bytes received.
         got: usize,
+    },
+    /// The peer called another collective than this rank at this point.
+    #[error("rank {peer} called {theirs} as its collective #{their_seq} where this rank called {ours} as #{seq}: every rank must call the same collectives in the same order, with the same dtype, count, reduction and root")]
+    Mismatch {
+        /// The peer.
+        peer: usize,
+        /// This rank's collective number.
+        seq: u64,
+        /// What this rank called.
+        ours: Call,
+        /// The peer's collective number.
+        their_seq: u64,
+        /// What the peer called.
+        theirs: Call,
+    },
+    /// The peer gave up on the collective because the ranks disagree.
+    #[error("rank {peer} gave up on its {call}: it found that the ranks called different collectives (its error names them)")]
+    Aborted {
+        /// The peer.
+        peer: usize,
+        /// What the peer was calling.
+        call: Call,
     },
     /// The link to the peer is gone.
     #[error("the link to rank {peer} is broken: {reason}")]
@@ -59,7 +84,7 @@ pub trait Transport: Send + Sync {
     /// [`TransportError`] naming the peer; the communicator must then be rebuilt.
     fn exchange(
         &self,
-        tag: u64,
+        label: Label,
         send: Option<(usize, &[u8])>,
         recv: Option<(usize, &mut [u8])>,
         deadline: Duration,
@@ -103,14 +128,60 @@ impl Transport for Auto {
 
     fn exchange(
         &self,
-        tag: u64,
+        label: Label,
         send: Option<(usize, &[u8])>,
         recv: Option<(usize, &mut [u8])>,
         deadline: Duration,
     ) -> Result<(), TransportError> {
         match self {
-            Self::Shm(t) => t.exchange(tag, send, recv, deadline),
-            Self::Tcp(t) => t.exchange(tag, send, recv, deadline),
+            Self::Shm(t) => t.exchange(label, send, recv, deadline),
+            Self::Tcp(t) => t.exchange(label, send, recv, deadline),
         }
     }
+}
+
+/// How a frame that arrived relates to the one awaited.
+#[derive(Debug)]
+pub(crate) enum Arrival {
+    /// It is the awaited message.
+    Awaited,
+    /// It belongs to another tag: keep it for its own receive.
+    Other,
+}
+
+/// Classifies a frame from `peer` labelled `theirs` for a receive awaiting `ours`.
+///
+/// # Errors
+/// [`TransportError::Mismatch`] when the same collective number carries another call, or when
+/// the peer is already at a later collective (messages between two ranks keep their order, so
+/// it will never send the awaited one).
+pub(crate) fn classify(
+    peer: usize,
+    ours: &Label,
+    theirs: &Label,
+) -> Result<Arrival, TransportError> {
+    if theirs.tag == label::ABORT_TAG {
+        return Err(TransportError::Aborted {
+            peer,
+            call: theirs.call,
+        });
+    }
+    let mismatch = || TransportError::Mismatch {
+        peer,
+        seq: ours.tag,
+        ours: ours.call,
+        their_seq: theirs.tag,
+        theirs: theirs.call,
+    };
+    if theirs.tag == ours.tag {
+        return if theirs.call == ours.call {
+            Ok(Arrival::Awaited)
+        } else {
+            Err(mismatch())
+        };
+    }
+    if ours.is_collective() && theirs.is_collective() && theirs.tag > ours.tag {
+        return Err(mismatch());
+    }
+    Ok(Arrival::Other)
 }

@@ -1,7 +1,7 @@
 //! Shared memory between the ranks of one host.
 //!
 //! Every rank owns a segment holding a doorbell and one inbound ring per peer. A sender copies
-//! frames (`tag: u64, len: u64`, payload) into its ring in the receiver's segment; a receiver
+//! frames (header with tag, length and call; payload) into its ring in the receiver's segment; a receiver
 //! copies them out straight into the typed buffer. Progress is announced by bumping the other
 //! side's doorbell, a futex word: a rank with nothing to do sleeps on its own doorbell, so
 //! waiting ranks leave the cores to the working ones.
@@ -11,7 +11,6 @@
 //!   left behind, even when a process is killed (the kernel frees the memory with the last map).
 //! - Every wait is bounded by the exchange's deadline.
 
-use std::collections::{HashMap, VecDeque};
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -20,12 +19,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{Transport, TransportError};
+use super::label::{accept, frame_header, parse_frame_header, Stash, FRAME_HEADER};
+use super::{Label, Transport, TransportError};
 use crate::store::{StoreClient, StoreError};
 
 /// Bytes of each inbound ring (a power of two).
 const RING: usize = 1 << 20;
-const HEADER: usize = 16;
 /// Ring control block: producer and consumer counters on cache lines of their own.
 const CONTROL: usize = 128;
 /// Doorbell area at the start of a segment.
@@ -188,7 +187,7 @@ pub struct ShmTransport {
     /// `segments[r]`: rank r's segment (its doorbell and inbound rings).
     segments: Vec<Mapping>,
     /// Frames read from a peer for tags not asked for yet.
-    early: Vec<Mutex<HashMap<u64, VecDeque<Vec<u8>>>>>,
+    early: Vec<Mutex<Stash>>,
 }
 
 impl ShmTransport {
@@ -245,7 +244,7 @@ impl ShmTransport {
             rank,
             size,
             segments,
-            early: (0..size).map(|_| Mutex::new(HashMap::new())).collect(),
+            early: (0..size).map(|_| Mutex::new(Stash::default())).collect(),
         })
     }
 
@@ -290,7 +289,7 @@ pub fn remove_stale_segments() {
 /// Progress of the send side of an exchange.
 struct Sending<'a> {
     peer: usize,
-    header: [u8; HEADER],
+    header: [u8; FRAME_HEADER],
     payload: &'a [u8],
     written: usize,
 }
@@ -301,7 +300,7 @@ enum Current {
     Direct { copied: usize },
     /// A frame for another tag, kept for its own receive.
     Early {
-        tag: u64,
+        label: Label,
         buf: Vec<u8>,
         copied: usize,
     },
@@ -322,18 +321,18 @@ impl ShmTransport {
         let (head, tail) = (map.atomic_u64(ring), map.atomic_u64(ring + 64));
         let h = head.load(Ordering::Relaxed);
         let room = RING - (h - tail.load(Ordering::Acquire)) as usize;
-        let n = room.min(HEADER + s.payload.len() - s.written);
+        let n = room.min(FRAME_HEADER + s.payload.len() - s.written);
         if n == 0 {
             return false;
         }
         let (mut pos, mut left) = (h, n);
-        if s.written < HEADER {
-            let k = left.min(HEADER - s.written);
+        if s.written < FRAME_HEADER {
+            let k = left.min(FRAME_HEADER - s.written);
             ring_write(map, ring, pos, &s.header[s.written..s.written + k]);
             (pos, left, s.written) = (pos + k as u64, left - k, s.written + k);
         }
         if left > 0 {
-            let from = s.written - HEADER;
+            let from = s.written - FRAME_HEADER;
             ring_write(map, ring, pos, &s.payload[from..from + left]);
             s.written += left;
         }
@@ -343,7 +342,7 @@ impl ShmTransport {
     }
 
     /// Consumes what the peer's ring holds, without waiting; whether anything moved.
-    fn pull(&self, r: &mut Receiving<'_>, tag: u64) -> Result<bool, TransportError> {
+    fn pull(&self, r: &mut Receiving<'_>, label: &Label) -> Result<bool, TransportError> {
         let (map, ring) = self.ring(r.peer, self.rank);
         let (head, tail) = (map.atomic_u64(ring), map.atomic_u64(ring + 64));
         let mut moved = false;
@@ -354,42 +353,26 @@ impl ShmTransport {
                 let mut early = self.early[r.peer]
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if let Some(message) = early.get_mut(&tag).and_then(VecDeque::pop_front) {
-                    if message.len() != r.out.len() {
-                        return Err(TransportError::Size {
-                            peer: r.peer,
-                            expected: r.out.len(),
-                            got: message.len(),
-                        });
-                    }
-                    r.out.copy_from_slice(&message);
+                if early.deliver(r.peer, label, r.out)? {
                     r.done = true;
                     return Ok(true);
                 }
-                if available < HEADER {
+                if available < FRAME_HEADER {
                     if moved {
                         ring_bell(self.segments[r.peer].bell());
                     }
                     return Ok(moved);
                 }
-                let mut header = [0u8; HEADER];
+                let mut header = [0u8; FRAME_HEADER];
                 ring_read(map, ring, t, &mut header);
-                tail.store(t + HEADER as u64, Ordering::Release);
+                tail.store(t + FRAME_HEADER as u64, Ordering::Release);
                 moved = true;
-                let frame_tag = u64::from_le_bytes(header[..8].try_into().unwrap_or_default());
-                let len = u64::from_le_bytes(header[8..].try_into().unwrap_or_default()) as usize;
-                r.current = Some(if frame_tag == tag {
-                    if len != r.out.len() {
-                        return Err(TransportError::Size {
-                            peer: r.peer,
-                            expected: r.out.len(),
-                            got: len,
-                        });
-                    }
+                let (theirs, len) = parse_frame_header(&header);
+                r.current = Some(if accept(r.peer, label, r.out.len(), &theirs, len)? {
                     Current::Direct { copied: 0 }
                 } else {
                     Current::Early {
-                        tag: frame_tag,
+                        label: theirs,
                         buf: vec![0u8; len],
                         copied: 0,
                     }
@@ -416,14 +399,12 @@ impl ShmTransport {
             }
             match r.current.take() {
                 Some(Current::Early {
-                    tag: other, buf, ..
+                    label: other, buf, ..
                 }) => {
                     self.early[r.peer]
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .entry(other)
-                        .or_default()
-                        .push_back(buf);
+                        .keep(other, buf);
                 }
                 _ => {
                     r.done = true;
@@ -446,16 +427,14 @@ impl Transport for ShmTransport {
 
     fn exchange(
         &self,
-        tag: u64,
+        label: Label,
         send: Option<(usize, &[u8])>,
         recv: Option<(usize, &mut [u8])>,
         deadline: Duration,
     ) -> Result<(), TransportError> {
         let until = Instant::now() + deadline;
         let mut sending = send.map(|(peer, payload)| {
-            let mut header = [0u8; HEADER];
-            header[..8].copy_from_slice(&tag.to_le_bytes());
-            header[8..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+            let header = frame_header(&label, payload.len());
             Sending {
                 peer,
                 header,
@@ -476,16 +455,16 @@ impl Transport for ShmTransport {
             let mut moved = false;
             if let Some(s) = sending
                 .as_mut()
-                .filter(|s| s.written < HEADER + s.payload.len())
+                .filter(|s| s.written < FRAME_HEADER + s.payload.len())
             {
                 moved |= self.push(s);
             }
             if let Some(r) = receiving.as_mut().filter(|r| !r.done) {
-                moved |= self.pull(r, tag)?;
+                moved |= self.pull(r, &label)?;
             }
             let send_done = sending
                 .as_ref()
-                .is_none_or(|s| s.written == HEADER + s.payload.len());
+                .is_none_or(|s| s.written == FRAME_HEADER + s.payload.len());
             let recv_done = receiving.as_ref().is_none_or(|r| r.done);
             if send_done && recv_done {
                 return Ok(());

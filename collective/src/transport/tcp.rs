@@ -1,6 +1,6 @@
 //! TCP between ranks: one connection per pair of ranks, bootstrapped through the store.
 //!
-//! Each message is a frame `tag: u64, len: u64` (little-endian) and the payload. An exchange
+//! Each message is a frame: a header (tag, length, the call it belongs to) and the payload. An exchange
 //! drives its send and its receive together on non-blocking sockets with `poll`, so a ring
 //! step never deadlocks on full socket buffers, and nothing waits past the deadline. Frames
 //! from a peer that carry another tag than the one awaited are kept for their own receive.
@@ -10,17 +10,15 @@
 //! interface that reaches the master), publishes `addr/<rank>`, then connects to every lower
 //! rank and accepts every higher one; a connection opens with the connecting rank's number.
 
-use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{Transport, TransportError};
+use super::label::{accept, frame_header, parse_frame_header, Stash, FRAME_HEADER};
+use super::{Label, Transport, TransportError};
 use crate::store::{StoreClient, StoreError};
-
-const HEADER: usize = 16;
 
 /// Why the mesh could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +40,7 @@ pub enum BootstrapError {
 struct Link {
     stream: TcpStream,
     /// Frames already read whose tag no receive has asked for yet.
-    early: HashMap<u64, VecDeque<Vec<u8>>>,
+    early: Stash,
 }
 
 /// One rank's end of a TCP full mesh.
@@ -189,7 +187,7 @@ impl Link {
         stream.set_nonblocking(true)?;
         Ok(Self {
             stream,
-            early: HashMap::new(),
+            early: Stash::default(),
         })
     }
 }
@@ -219,7 +217,7 @@ enum Current {
     Direct { filled: usize },
     /// A frame for another tag: kept until its own receive asks for it.
     Early {
-        tag: u64,
+        label: Label,
         buf: Vec<u8>,
         filled: usize,
     },
@@ -228,9 +226,9 @@ enum Current {
 /// Progress of one receive: the frame header, then the payload.
 struct Receiving<'a> {
     peer: usize,
-    tag: u64,
+    label: Label,
     out: &'a mut [u8],
-    header: [u8; HEADER],
+    header: [u8; FRAME_HEADER],
     got_header: usize,
     current: Option<Current>,
     done: bool,
@@ -268,15 +266,7 @@ impl TcpTransport {
     fn read_some(link: &mut Link, r: &mut Receiving<'_>) -> Result<(), TransportError> {
         loop {
             if r.current.is_none() {
-                if let Some(message) = link.early.get_mut(&r.tag).and_then(VecDeque::pop_front) {
-                    if message.len() != r.out.len() {
-                        return Err(TransportError::Size {
-                            peer: r.peer,
-                            expected: r.out.len(),
-                            got: message.len(),
-                        });
-                    }
-                    r.out.copy_from_slice(&message);
+                if link.early.deliver(r.peer, &r.label, r.out)? {
                     r.done = true;
                     return Ok(());
                 }
@@ -285,24 +275,16 @@ impl TcpTransport {
                     return Ok(());
                 };
                 r.got_header += n;
-                if r.got_header < HEADER {
+                if r.got_header < FRAME_HEADER {
                     continue;
                 }
                 r.got_header = 0;
-                let tag = u64::from_le_bytes(r.header[..8].try_into().unwrap_or_default());
-                let len = u64::from_le_bytes(r.header[8..].try_into().unwrap_or_default()) as usize;
-                r.current = Some(if tag == r.tag {
-                    if len != r.out.len() {
-                        return Err(TransportError::Size {
-                            peer: r.peer,
-                            expected: r.out.len(),
-                            got: len,
-                        });
-                    }
+                let (theirs, len) = parse_frame_header(&r.header);
+                r.current = Some(if accept(r.peer, &r.label, r.out.len(), &theirs, len)? {
                     Current::Direct { filled: 0 }
                 } else {
                     Current::Early {
-                        tag,
+                        label: theirs,
                         buf: vec![0u8; len],
                         filled: 0,
                     }
@@ -321,7 +303,7 @@ impl TcpTransport {
                     r.done = true;
                     return Ok(());
                 }
-                Some(Current::Early { tag, buf, filled }) => {
+                Some(Current::Early { label, buf, filled }) => {
                     while *filled < buf.len() {
                         let Some(n) = read_into(&mut link.stream, r.peer, &mut buf[*filled..])?
                         else {
@@ -329,8 +311,8 @@ impl TcpTransport {
                         };
                         *filled += n;
                     }
-                    let (tag, buf) = (*tag, std::mem::take(buf));
-                    link.early.entry(tag).or_default().push_back(buf);
+                    let (label, buf) = (*label, std::mem::take(buf));
+                    link.early.keep(label, buf);
                     r.current = None;
                 }
                 None => {}
@@ -342,17 +324,17 @@ impl TcpTransport {
     fn write_some(
         link: &mut Link,
         peer: usize,
-        header: &[u8; HEADER],
+        header: &[u8; FRAME_HEADER],
         payload: &[u8],
         written: &mut usize,
     ) -> Result<(), TransportError> {
-        let total = HEADER + payload.len();
+        let total = FRAME_HEADER + payload.len();
         while *written < total {
-            let result = if *written < HEADER {
+            let result = if *written < FRAME_HEADER {
                 let parts = [IoSlice::new(&header[*written..]), IoSlice::new(payload)];
                 link.stream.write_vectored(&parts)
             } else {
-                link.stream.write(&payload[*written - HEADER..])
+                link.stream.write(&payload[*written - FRAME_HEADER..])
             };
             match result {
                 Ok(n) => *written += n,
@@ -377,23 +359,21 @@ impl Transport for TcpTransport {
     #[allow(unsafe_code)]
     fn exchange(
         &self,
-        tag: u64,
+        label: Label,
         send: Option<(usize, &[u8])>,
         recv: Option<(usize, &mut [u8])>,
         deadline: Duration,
     ) -> Result<(), TransportError> {
         let until = Instant::now() + deadline;
         let (send_peer, payload) = send.map_or((None, &[][..]), |(p, b)| (Some(p), b));
-        let mut header = [0u8; HEADER];
-        header[..8].copy_from_slice(&tag.to_le_bytes());
-        header[8..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+        let header = frame_header(&label, payload.len());
         let mut written = 0usize;
-        let total = HEADER + payload.len();
+        let total = FRAME_HEADER + payload.len();
         let mut receiving = recv.map(|(peer, out)| Receiving {
             peer,
-            tag,
+            label,
             out,
-            header: [0; HEADER],
+            header: [0; FRAME_HEADER],
             got_header: 0,
             current: None,
             done: false,
