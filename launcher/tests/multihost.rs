@@ -284,3 +284,53 @@ fn a_port_in_use_on_node_0_is_named_with_the_fix() {
         "{stderr}"
     );
 }
+
+/// The `collective-worker` binary of the `ferrun-tests` crate, built by `cargo test --workspace`.
+fn collective_worker() -> String {
+    let exe = std::env::current_exe().expect("test binary");
+    let worker = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("collective-worker");
+    assert!(
+        worker.is_file(),
+        "{} is missing: run the suite with `cargo test --workspace`",
+        worker.display()
+    );
+    worker.display().to_string()
+}
+
+#[test]
+fn ferruns_own_collectives_run_across_hosts_over_tcp() {
+    let hosts = Hosts::new();
+    let master = hosts.addrs[0].clone();
+    let script = ["--no-python".to_owned(), collective_worker()];
+    let extra = ["--rdzv-conf", "join_timeout=40"];
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            node_with(ferrun(), &hosts, rank, (&master, 29563), &extra, &script)
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    let outputs: Vec<_> = children.into_iter().map(|c| run_child(c, LIMIT)).collect();
+    let stdout: String = outputs
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .collect();
+    for (node, out) in outputs.iter().enumerate() {
+        assert!(
+            out.status.success(),
+            "node {node}:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The hosts differ (network namespaces), so the communicator picked TCP between them.
+    for rank in 0..4 {
+        assert!(
+            stdout.contains(&format!("rank {rank} of 4: collectives ok over tcp")),
+            "{stdout}"
+        );
+    }
+}
