@@ -71,7 +71,7 @@ fn torch_client_sees_the_same_answers_from_ferrun_and_from_torch() {
 
 /// The same operations through ferrun's client, as a transcript.
 async fn ferrun_client_transcript(port: u16) -> Vec<String> {
-    let t = Duration::from_secs(5);
+    let t = Duration::from_secs(30);
     let mut c = StoreClient::connect("127.0.0.1", port, t)
         .await
         .expect("connect");
@@ -128,7 +128,7 @@ async fn ferrun_client_sees_the_same_answers_from_torch_and_from_ferrun() {
     let mut seed = StoreClient::connect(
         "127.0.0.1",
         server.local_addr().port(),
-        Duration::from_secs(5),
+        Duration::from_secs(30),
     )
     .await
     .expect("connect");

@@ -15,11 +15,11 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::reduce::{bytes_of, bytes_of_mut, combine_into, finish, Element, ReduceOp};
 use crate::schedule::{self, DoublingStep};
-use crate::transport::label::{ABORT_TAG, USER_TAG};
 use crate::transport::{Call, Kind, Label, Transport, TransportError};
 
 /// A collective that failed, and why.
@@ -65,36 +65,81 @@ impl Default for Options {
 }
 
 /// A group of ranks that run collectives together.
+///
+/// Ranks in errors are the transport's (the job's) ranks, also in sub-communicators.
 #[derive(Debug)]
 pub struct Communicator<T: Transport> {
-    transport: T,
+    /// Shared with the sub-communicators split from this one.
+    transport: Arc<T>,
+    /// `members[i]`: the transport rank of this communicator's rank `i`.
+    members: Arc<[usize]>,
+    rank: usize,
+    /// Tags of this communicator's messages carry it, apart from its parent's and siblings'.
+    id: u32,
     options: Options,
     sequence: AtomicU64,
+    splits: AtomicU64,
 }
 
 impl<T: Transport> Communicator<T> {
-    /// A communicator over `transport`.
+    /// A communicator of every rank of `transport`.
     pub fn new(transport: T, options: Options) -> Self {
+        let (rank, size) = (transport.rank(), transport.size());
         Self {
-            transport,
+            transport: Arc::new(transport),
+            members: (0..size).collect(),
+            rank,
+            id: 0,
             options,
             sequence: AtomicU64::new(0),
+            splits: AtomicU64::new(0),
         }
     }
 
     /// This rank.
     pub fn rank(&self) -> usize {
-        self.transport.rank()
+        self.rank
     }
 
     /// Number of ranks.
     pub fn size(&self) -> usize {
-        self.transport.size()
+        self.members.len()
     }
 
     /// The transport underneath.
     pub fn transport(&self) -> &T {
         &self.transport
+    }
+
+    /// Splits this communicator (MPI's `comm_split`): ranks that pass the same `color` form a
+    /// new communicator, ordered by `key` then by rank; `None` joins none (and returns `None`).
+    /// Every rank of this communicator must call it. The new communicators share this one's
+    /// links; their messages are told apart by the communicator's id in every tag.
+    ///
+    /// # Errors
+    /// As [`Communicator::all_gather`] (the colors and keys are exchanged first).
+    pub fn split(&self, color: Option<u32>, key: i64) -> Result<Option<Self>, CommError> {
+        let mine = [color.map_or(-1, i64::from), key];
+        let mut all = vec![0i64; 2 * self.size()];
+        self.all_gather(&mine, &mut all)?;
+        let split = self.splits.fetch_add(1, Ordering::Relaxed);
+        let Some(color) = color else { return Ok(None) };
+        let mut group: Vec<(i64, usize)> = (0..self.size())
+            .filter(|&r| all[2 * r] == i64::from(color))
+            .map(|r| (all[2 * r + 1], r))
+            .collect();
+        group.sort_unstable();
+        let members: Arc<[usize]> = group.iter().map(|&(_, r)| self.members[r]).collect();
+        let rank = group.iter().position(|&(_, r)| r == self.rank).unwrap_or(0);
+        Ok(Some(Self {
+            transport: Arc::clone(&self.transport),
+            members,
+            rank,
+            id: child_id(self.id, split, color),
+            options: self.options,
+            sequence: AtomicU64::new(0),
+            splits: AtomicU64::new(0),
+        }))
     }
 
     /// The next collective's label: all ranks count their collectives alike, and each
@@ -106,7 +151,7 @@ impl<T: Transport> Communicator<T> {
         reduce: Option<ReduceOp>,
         root: Option<usize>,
     ) -> Label {
-        let tag = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let seq = self.sequence.fetch_add(1, Ordering::Relaxed);
         let dtype = (kind != Kind::Barrier).then_some(E::DTYPE);
         let call = Call {
             kind,
@@ -115,9 +160,10 @@ impl<T: Transport> Communicator<T> {
             root: root.map(|r| r as u32),
             count: count as u64,
         };
-        Label { tag, call }
+        Label::collective(self.id, seq, call)
     }
 
+    /// Moves bytes with peers named by this communicator's ranks.
     fn exchange(
         &self,
         op: &'static str,
@@ -125,6 +171,8 @@ impl<T: Transport> Communicator<T> {
         send: Option<(usize, &[u8])>,
         recv: Option<(usize, &mut [u8])>,
     ) -> Result<(), CommError> {
+        let send = send.map(|(p, b)| (self.members[p], b));
+        let recv = recv.map(|(p, b)| (self.members[p], b));
         self.transport
             .exchange(tag, send, recv, self.options.deadline)
             .map_err(|source| {
@@ -133,7 +181,7 @@ impl<T: Transport> Communicator<T> {
                 }
                 CommError::Transport {
                     op,
-                    rank: self.rank(),
+                    rank: self.members[self.rank],
                     source,
                 }
             })
@@ -141,11 +189,12 @@ impl<T: Transport> Communicator<T> {
 
     /// Tells every peer that this rank gives up on `call` (best effort, briefly bounded).
     fn abort(&self, call: Call) {
-        let label = Label {
-            tag: ABORT_TAG,
-            call,
-        };
-        for peer in (0..self.size()).filter(|&p| p != self.rank()) {
+        let label = Label::abort(self.id, call);
+        for &peer in self
+            .members
+            .iter()
+            .filter(|&&p| p != self.members[self.rank])
+        {
             let _ = self
                 .transport
                 .exchange(label, Some((peer, &[])), None, Duration::from_secs(1));
@@ -417,7 +466,7 @@ impl<T: Transport> Communicator<T> {
         self.check_peer("send", peer)?;
         self.exchange(
             "send",
-            p2p_label::<E>(tag, buf.len()),
+            p2p_label::<E>(self.id, tag, buf.len()),
             Some((peer, bytes_of(buf))),
             None,
         )
@@ -431,7 +480,7 @@ impl<T: Transport> Communicator<T> {
         self.check_peer("recv", peer)?;
         self.exchange(
             "recv",
-            p2p_label::<E>(tag, buf.len()),
+            p2p_label::<E>(self.id, tag, buf.len()),
             None,
             Some((peer, bytes_of_mut(buf))),
         )
@@ -456,8 +505,8 @@ mod bootstrap;
 
 pub use bootstrap::InitError;
 
-/// The label of a user message: its tag, and what both sides must agree on.
-fn p2p_label<E: Element>(tag: u32, count: usize) -> Label {
+/// The label of a user message on communicator `comm`: its tag, and what both sides must agree on.
+fn p2p_label<E: Element>(comm: u32, tag: u32, count: usize) -> Label {
     let call = Call {
         kind: Kind::PointToPoint,
         dtype: Some(E::DTYPE),
@@ -465,10 +514,22 @@ fn p2p_label<E: Element>(tag: u32, count: usize) -> Label {
         root: None,
         count: count as u64,
     };
-    Label {
-        tag: USER_TAG | u64::from(tag),
-        call,
+    Label::user(comm, tag, call)
+}
+
+/// A sub-communicator's id: the same on every member (they split alike), and unlike its
+/// parent's and siblings' (FNV-1a over the lineage; 31 bits, never 0, the first's).
+fn child_id(parent: u32, split: u64, color: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in parent
+        .to_le_bytes()
+        .into_iter()
+        .chain(split.to_le_bytes())
+        .chain(color.to_le_bytes())
+    {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
     }
+    ((hash ^ (hash >> 31)) as u32 & 0x7fff_ffff).max(1)
 }
 
 /// Ring chunks move in segments of this many bytes, so that a received segment is combined

@@ -380,3 +380,64 @@ fn a_rank_that_skipped_a_collective_is_caught_at_once() {
     );
     assert!(errs.iter().any(|e| e.contains("barrier()")), "{errs:?}");
 }
+
+#[test]
+fn split_makes_independent_groups_that_share_the_links() {
+    let results = spawn(6, options(0), |c| {
+        let r = c.rank();
+        // Two groups by parity, ordered by descending rank.
+        let group = c
+            .split(Some((r % 2) as u32), -(r as i64))
+            .expect("split")
+            .expect("member");
+        let mut mine = [r as f32];
+        group
+            .all_reduce(&mut mine, ReduceOp::Sum)
+            .expect("group all_reduce");
+        // The parent keeps working between and around the group's collectives.
+        let mut everyone = [1i32];
+        c.all_reduce(&mut everyone, ReduceOp::Sum)
+            .expect("parent all_reduce");
+        let mut gathered = vec![0u8; group.size()];
+        group
+            .all_gather(&[r as u8], &mut gathered)
+            .expect("group all_gather");
+        // A nested split, and a rank that joins no group.
+        let pairs = group
+            .split((group.rank() < 2).then_some(0), 0)
+            .expect("nested split");
+        let pair_sum = pairs.map(|p| {
+            let mut x = [r as i64];
+            p.all_reduce(&mut x, ReduceOp::Sum)
+                .expect("pair all_reduce");
+            (p.size(), x[0])
+        });
+        (
+            group.rank(),
+            group.size(),
+            mine[0],
+            everyone[0],
+            gathered,
+            pair_sum,
+        )
+    });
+    for (r, (grank, gsize, sum, everyone, gathered, pair)) in results.into_iter().enumerate() {
+        let odd = r % 2 == 1;
+        let members: Vec<usize> = if odd { vec![5, 3, 1] } else { vec![4, 2, 0] };
+        assert_eq!(gsize, 3);
+        assert_eq!(
+            grank,
+            members.iter().position(|&m| m == r).expect("member"),
+            "rank {r}"
+        );
+        assert_eq!(sum, members.iter().sum::<usize>() as f32, "rank {r}");
+        assert_eq!(everyone, 6);
+        assert_eq!(
+            gathered,
+            members.iter().map(|&m| m as u8).collect::<Vec<_>>(),
+            "rank {r}"
+        );
+        let expected_pair = (grank < 2).then(|| (2, (members[0] + members[1]) as i64));
+        assert_eq!(pair, expected_pair, "rank {r}");
+    }
+}

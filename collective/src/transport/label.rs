@@ -9,12 +9,15 @@ use std::fmt;
 use super::{classify, Arrival, TransportError};
 use crate::reduce::{DType, ReduceOp};
 
-/// Tags at or above this bit belong to user `send`/`recv`; below, to collectives.
+/// Tags with this bit belong to user `send`/`recv`; without it, to collectives.
 pub const USER_TAG: u64 = 1 << 63;
-
-/// The tag of the message a rank sends its peers when it gives up on a collective because the
-/// ranks disagree, so that none of them waits for it until the deadline.
-pub const ABORT_TAG: u64 = USER_TAG - 1;
+/// Bits 32..63 of a tag: the communicator (0 for the first; sub-communicators get their own).
+const COMM_SHIFT: u32 = 32;
+const COMM_MASK: u64 = (1 << 31) - 1;
+const LOW: u64 = u32::MAX as u64;
+/// The sequence number of the message a rank sends its peers when it gives up on a collective
+/// because the ranks disagree, so that none of them waits for it until the deadline.
+pub const ABORT_SEQ: u64 = LOW;
 
 /// Which operation a message belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,19 +55,59 @@ pub struct Call {
     pub count: u64,
 }
 
-/// A message's label: its tag (sequence number or user tag) and the call it belongs to.
+/// A message's label: its tag (communicator and sequence number, or user tag) and the call it
+/// belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Label {
-    /// Collective sequence number, or `USER_TAG | tag` for send/recv.
+    /// `[user bit | communicator (31 bits) | sequence or user tag (32 bits)]`.
     pub tag: u64,
     /// What was called.
     pub call: Call,
 }
 
 impl Label {
-    /// Whether the tag is a collective's sequence number (not a user tag).
+    /// Collective number `seq` of communicator `comm` (numbers wrap after 2³² − 1 collectives).
+    pub fn collective(comm: u32, seq: u64, call: Call) -> Self {
+        Self {
+            tag: ((u64::from(comm) & COMM_MASK) << COMM_SHIFT) | (seq % ABORT_SEQ),
+            call,
+        }
+    }
+
+    /// A user message with `tag` on communicator `comm`.
+    pub fn user(comm: u32, tag: u32, call: Call) -> Self {
+        Self {
+            tag: USER_TAG | ((u64::from(comm) & COMM_MASK) << COMM_SHIFT) | u64::from(tag),
+            call,
+        }
+    }
+
+    /// The message that says a rank gave up on `call` in communicator `comm`.
+    pub fn abort(comm: u32, call: Call) -> Self {
+        Self {
+            tag: ((u64::from(comm) & COMM_MASK) << COMM_SHIFT) | ABORT_SEQ,
+            call,
+        }
+    }
+
+    /// Whether the tag is a collective's (not a user tag).
     pub fn is_collective(&self) -> bool {
         self.tag & USER_TAG == 0
+    }
+
+    /// The communicator.
+    pub fn comm(&self) -> u32 {
+        ((self.tag >> COMM_SHIFT) & COMM_MASK) as u32
+    }
+
+    /// The collective number (or user tag).
+    pub fn seq(&self) -> u64 {
+        self.tag & LOW
+    }
+
+    /// Whether this is an abort message.
+    pub fn is_abort(&self) -> bool {
+        self.is_collective() && self.seq() == ABORT_SEQ
     }
 }
 

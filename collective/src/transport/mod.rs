@@ -160,7 +160,8 @@ pub(crate) fn classify(
     ours: &Label,
     theirs: &Label,
 ) -> Result<Arrival, TransportError> {
-    if theirs.tag == label::ABORT_TAG {
+    let same_comm = theirs.comm() == ours.comm();
+    if theirs.is_abort() && same_comm {
         return Err(TransportError::Aborted {
             peer,
             call: theirs.call,
@@ -168,9 +169,9 @@ pub(crate) fn classify(
     }
     let mismatch = || TransportError::Mismatch {
         peer,
-        seq: ours.tag,
+        seq: ours.seq(),
         ours: ours.call,
-        their_seq: theirs.tag,
+        their_seq: theirs.seq(),
         theirs: theirs.call,
     };
     if theirs.tag == ours.tag {
@@ -180,7 +181,7 @@ pub(crate) fn classify(
             Err(mismatch())
         };
     }
-    if ours.is_collective() && theirs.is_collective() && theirs.tag > ours.tag {
+    if ours.is_collective() && theirs.is_collective() && same_comm && theirs.seq() > ours.seq() {
         return Err(mismatch());
     }
     Ok(Arrival::Other)
