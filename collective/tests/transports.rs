@@ -136,9 +136,21 @@ fn every_collective(kind: Kind) {
         if r == 3 {
             c.recv(&mut got, 0, 9).expect("recv");
         }
-        (b, gathered, scattered, a2a, got[0])
+        let half = c
+            .split(Some((r / 2) as u32), r as i64)
+            .expect("split")
+            .expect("member");
+        let mut pair = [r as i32];
+        half.all_reduce(&mut pair, ReduceOp::Sum)
+            .expect("sub-communicator all_reduce");
+        (b, gathered, scattered, a2a, got[0], pair[0])
     });
-    for (r, (b, gathered, scattered, a2a, got)) in results.into_iter().enumerate() {
+    for (r, (b, gathered, scattered, a2a, got, pair)) in results.into_iter().enumerate() {
+        assert_eq!(
+            pair,
+            if r < 2 { 1 } else { 5 },
+            "{kind:?} rank {r}: the pair's sum"
+        );
         assert_eq!(b, vec![2; 5]);
         assert_eq!(gathered, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]);
         assert_eq!(scattered, [4, 4]);
