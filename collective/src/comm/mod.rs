@@ -502,8 +502,10 @@ impl<T: Transport> Communicator<T> {
 }
 
 mod bootstrap;
+mod overlap;
 
 pub use bootstrap::InitError;
+pub use overlap::{AsyncCommunicator, Handle};
 
 /// The label of a user message on communicator `comm`: its tag, and what both sides must agree on.
 fn p2p_label<E: Element>(comm: u32, tag: u32, count: usize) -> Label {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use half::{bf16, f16};
 
-use super::{CommError, Communicator, Options};
+use super::{AsyncCommunicator, CommError, Communicator, Options};
 use crate::reduce::{finish, Element, ReduceOp};
 use crate::transport::{mem::MemTransport, TransportError};
 
@@ -439,5 +439,32 @@ fn split_makes_independent_groups_that_share_the_links() {
         );
         let expected_pair = (grank < 2).then(|| (2, (members[0] + members[1]) as i64));
         assert_eq!(pair, expected_pair, "rank {r}");
+    }
+}
+
+#[test]
+fn queued_collectives_overlap_work_and_complete_in_order() {
+    let results = spawn(3, options(0), |c| {
+        let r = c.rank() as f32;
+        let comm = AsyncCommunicator::new(c).expect("thread");
+        let big = comm.all_reduce(vec![r; 1 << 16], ReduceOp::Sum);
+        let gathered = comm.all_gather(vec![r]);
+        let scattered = comm.reduce_scatter(vec![1i32; 6], ReduceOp::Sum);
+        let done = comm.barrier();
+        // Work meanwhile: the collectives run on the communicator's thread.
+        let work: f64 = (0..100_000).map(|i| f64::from(i).sqrt()).sum();
+        (
+            big.wait().expect("all_reduce")[0],
+            gathered.wait().expect("all_gather"),
+            scattered.wait().expect("reduce_scatter"),
+            done.wait().is_ok(),
+            work > 0.0,
+        )
+    });
+    for (big, gathered, scattered, barrier, worked) in results {
+        assert_eq!(big, 3.0);
+        assert_eq!(gathered, [0.0, 1.0, 2.0]);
+        assert_eq!(scattered, [3, 3]);
+        assert!(barrier && worked);
     }
 }
