@@ -1,6 +1,7 @@
 //! A collective beside its peers in one invocation: ferrun's communicator (launched by
 //! `ferrun`), torch's Gloo (`../shared/anchors/gloo_allreduce.py` under torchrun, torch 2.13)
-//! and, where installed, OpenMPI (`mpi_allreduce.c`) — same sizes, same ranks, ratios printed.
+//! and, for all_reduce where OpenMPI is installed, `mpi_allreduce.c` (its own fixed sizes:
+//! the 4 B latency, then 4 KiB … 64 MiB) — same ranks, ratios printed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,6 +65,7 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
         .collect::<Vec<_>>()
         .join(",");
     let name = op_name(o.op);
+    let mpi_binary = build_mpi(&o.anchors, out.path())?;
     for &n in &o.ranks {
         let ours_path = out.path().join(format!("ferrun_{n}.json"));
         let status = Command::new(&o.ferrun)
@@ -106,17 +108,75 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
             status.success(),
             "Gloo's run with {n} ranks failed: {status}"
         );
+        let mpi = match (&mpi_binary, o.op) {
+            (Some(bin), Collective::AllReduce) => Some(run_mpi(bin, n, out.path())?),
+            _ => None,
+        };
         print_table(
             name,
             n,
             &read_ours(&ours_path)?,
             &read_gloo(&theirs_path, name)?,
+            mpi.as_ref(),
         );
     }
-    if which("mpirun").is_none() {
-        println!("OpenMPI: not installed here (apt-get install openmpi-bin libopenmpi-dev), so not compared");
+    if mpi_binary.is_none() {
+        println!("OpenMPI: not installed here (scripts/bench.sh installs openmpi-bin and libopenmpi-dev), so not compared");
     }
     Ok(())
+}
+
+/// Builds the OpenMPI anchor when mpicc and mpirun are installed.
+fn build_mpi(anchors: &Path, dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+    if which("mpicc").is_none() || which("mpirun").is_none() {
+        return Ok(None);
+    }
+    let bin = dir.join("mpi_allreduce");
+    let status = Command::new("mpicc")
+        .args(["-O2", "-o"])
+        .arg(&bin)
+        .arg(anchors.join("mpi_allreduce.c"))
+        .status()?;
+    ensure!(
+        status.success(),
+        "mpicc failed on the OpenMPI anchor: {status}"
+    );
+    Ok(Some(bin))
+}
+
+/// Runs the OpenMPI anchor on `n` ranks; its rows, with the 4-byte latency as size 4.
+fn run_mpi(bin: &Path, n: usize, dir: &Path) -> anyhow::Result<Rows> {
+    let json = dir.join(format!("mpi_{n}.json"));
+    let status = Command::new("mpirun")
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            &n.to_string(),
+        ])
+        .arg(bin)
+        .arg(&json)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    ensure!(
+        status.success(),
+        "OpenMPI's run with {n} ranks failed: {status}"
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+    let mut rows = vec![(
+        4,
+        v["latency_4B_us"]["median"].as_f64().unwrap_or(f64::NAN),
+        0.0,
+    )];
+    for r in v["rows"].as_array().context("OpenMPI's JSON has no rows")? {
+        rows.push((
+            r["size"].as_u64().unwrap_or(0),
+            r["time_us"].as_f64().unwrap_or(f64::NAN),
+            r["busbw"].as_f64().unwrap_or(f64::NAN),
+        ));
+    }
+    Ok(rows)
 }
 
 /// `(size, time µs, busbw)` rows.
@@ -155,22 +215,34 @@ fn read_gloo(path: &Path, name: &str) -> anyhow::Result<Rows> {
         .collect())
 }
 
-fn print_table(name: &str, n: usize, ours: &Rows, gloo: &Rows) {
+fn print_table(name: &str, n: usize, ours: &Rows, gloo: &Rows, mpi: Option<&Rows>) {
     println!("{name}, {n} ranks, float32 (same invocation; busbw in GB/s)");
-    println!(
-        "{:>10} {:>12} {:>12} {:>8} {:>9} {:>9} {:>8}",
+    print!(
+        "{:>10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>7}",
         "size", "gloo µs", "ferrun µs", "time ×", "gloo bw", "ferrun bw", "bw ×"
     );
+    if mpi.is_some() {
+        print!(" {:>9} {:>8} {:>9}", "mpi µs", "mpi bw", "× mpi");
+    }
+    println!();
     for (size, t, bw) in ours {
-        if let Some((_, gt, gbw)) = gloo.iter().find(|(s, _, _)| s == size) {
-            println!(
-                "{size:>10} {gt:>12.1} {t:>12.1} {:>8.3} {gbw:>9.3} {bw:>9.3} {:>8.2}",
-                t / gt,
-                bw / gbw
+        let Some((_, gt, gbw)) = gloo.iter().find(|(s, _, _)| s == size) else {
+            continue;
+        };
+        print!(
+            "{size:>10} {gt:>10.1} {t:>10.1} {:>8.3} {gbw:>8.3} {bw:>9.3} {:>7.2}",
+            t / gt,
+            bw / gbw
+        );
+        if let Some((_, mt, mbw)) = mpi.and_then(|m| m.iter().find(|(s, _, _)| s == size)) {
+            print!(
+                " {mt:>9.1} {mbw:>8.3} {:>9.2}",
+                if *size == 4 { mt / t } else { bw / mbw }
             );
         }
+        println!();
     }
-    println!("time × = ferrun / Gloo (lower is better); bw × = ferrun / Gloo (higher is better)\n");
+    println!("time × = ferrun / Gloo (lower is better); bw × = ferrun / Gloo; × mpi = ferrun / OpenMPI busbw (at 4 B: OpenMPI time / ferrun time; higher is better)\n");
 }
 
 fn which(program: &str) -> Option<PathBuf> {

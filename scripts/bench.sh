@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every benchmark, each putting ferrun beside its peers in one invocation: the launcher against
+# torchrun, the store against torch's TCPStore, all_reduce against Gloo and OpenMPI.
+# Installs what they need (torch 2.13.0 in the reused venv, OpenMPI from Debian).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+anchors="${FERRUN_ANCHORS:-../shared/anchors}"
+if ! command -v mpicc >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev
+fi
+export FERRUN_VENV="$(scripts/setup-python.sh)"
+cargo build --release --quiet -p ferrun-launcher -p ferrun-bench
+target/release/ferrun-bench launcher --anchors "$anchors" --runs 7
+target/release/ferrun-bench store --rounds 50
+target/release/ferrun-bench compare all_reduce --anchors "$anchors"
