@@ -54,3 +54,101 @@ fn launch(n: usize, transport: &str) -> String {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     stdout.into_owned()
 }
+
+/// Starts `n` collective workers as plain processes (no launcher to stop the survivors), with
+/// the env contract pointing at a store of this test.
+fn spawn_without_launcher(
+    n: u32,
+    transport: &str,
+    args: &[&str],
+) -> (
+    Vec<std::process::Child>,
+    ferrun_collective::store::StoreServer,
+) {
+    let store = ferrun_collective::store::StoreServer::bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("store");
+    let children = (0..n)
+        .map(|rank| {
+            let env = ferrun_collective::WorkerEnv {
+                rank,
+                local_rank: rank,
+                world_size: n,
+                local_world_size: n,
+                group_rank: 0,
+                group_world_size: 1,
+                role_name: "default".into(),
+                role_rank: rank,
+                role_world_size: n,
+                master_addr: "127.0.0.1".into(),
+                master_port: store.local_addr().port(),
+                restart_count: 0,
+                max_restarts: 0,
+                run_id: "dead-peer".into(),
+                use_agent_store: true,
+                error_file: std::env::temp_dir().join(format!("ferrun-dead-peer-{rank}.json")),
+                nccl_async_error_handling: "1".into(),
+                omp_num_threads: Some(1),
+            };
+            Command::new(env!("CARGO_BIN_EXE_collective-worker"))
+                .args(args)
+                .envs(env.to_env())
+                .env("FERRUN_TRANSPORT", transport)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("worker")
+        })
+        .collect();
+    (children, store)
+}
+
+#[test]
+fn a_sigkilled_rank_is_named_by_the_others_on_both_transports() {
+    use std::os::unix::process::ExitStatusExt;
+    for transport in ["shm", "tcp"] {
+        let started = std::time::Instant::now();
+        let (children, _store) = spawn_without_launcher(3, transport, &["--die-rank", "1"]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (rank, child) in children.into_iter().enumerate() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send((rank, child.wait_with_output()));
+            });
+        }
+        drop(tx);
+        let mut outcomes = Vec::new();
+        for _ in 0..3 {
+            let (rank, out) = rx
+                .recv_timeout(Duration::from_secs(40))
+                .expect("a worker hung after its peer died");
+            outcomes.push((rank, out.expect("output")));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{transport}: took {:?}",
+            started.elapsed()
+        );
+        for (rank, out) in outcomes {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if rank == 1 {
+                assert_eq!(
+                    out.status.signal(),
+                    Some(9),
+                    "{transport}: the victim: {stderr}"
+                );
+            } else {
+                assert_eq!(
+                    out.status.code(),
+                    Some(1),
+                    "{transport}: rank {rank}: {stderr}"
+                );
+                // Either its own link to rank 1 broke, or the other survivor told it rank 1 is gone.
+                assert!(
+                    stderr.contains("the link to rank 1 is broken")
+                        || stderr.contains("rank 1 is gone"),
+                    "{transport}: rank {rank} did not name the dead peer: {stderr}"
+                );
+            }
+        }
+    }
+}

@@ -176,8 +176,14 @@ impl<T: Transport> Communicator<T> {
         self.transport
             .exchange(tag, send, recv, self.options.deadline)
             .map_err(|source| {
-                if matches!(source, TransportError::Mismatch { .. }) {
-                    self.abort(tag.call);
+                match &source {
+                    TransportError::Mismatch { .. } => {
+                        self.tell_peers(Label::abort(self.id, tag.call), None)
+                    }
+                    TransportError::Broken { peer, .. } => {
+                        self.tell_peers(Label::lost(self.id, *peer, tag.call), Some(*peer));
+                    }
+                    _ => {}
                 }
                 CommError::Transport {
                     op,
@@ -187,14 +193,10 @@ impl<T: Transport> Communicator<T> {
             })
     }
 
-    /// Tells every peer that this rank gives up on `call` (best effort, briefly bounded).
-    fn abort(&self, call: Call) {
-        let label = Label::abort(self.id, call);
-        for &peer in self
-            .members
-            .iter()
-            .filter(|&&p| p != self.members[self.rank])
-        {
+    /// Tells every other member (but `skip`) why this rank gives up (best effort, briefly bounded).
+    fn tell_peers(&self, label: Label, skip: Option<usize>) {
+        let me = self.members[self.rank];
+        for &peer in self.members.iter().filter(|&&p| p != me && Some(p) != skip) {
             let _ = self
                 .transport
                 .exchange(label, Some((peer, &[])), None, Duration::from_secs(1));

@@ -18,6 +18,14 @@ const LOW: u64 = u32::MAX as u64;
 /// The sequence number of the message a rank sends its peers when it gives up on a collective
 /// because the ranks disagree, so that none of them waits for it until the deadline.
 pub const ABORT_SEQ: u64 = LOW;
+/// Sequence numbers just below [`ABORT_SEQ`] say "I lost rank `LOST_BASE - seq`": a rank that
+/// finds a peer gone tells the others, so that each names the dead rank, not a neighbour that
+/// gave up first.
+const LOST_BASE: u64 = LOW - 1;
+/// Most ranks a lost-peer message can name.
+const MAX_LOST: u64 = 1 << 24;
+/// Collective numbers wrap below the reserved ones.
+const SEQ_SPACE: u64 = LOST_BASE - MAX_LOST;
 
 /// Which operation a message belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +77,7 @@ impl Label {
     /// Collective number `seq` of communicator `comm` (numbers wrap after 2³² − 1 collectives).
     pub fn collective(comm: u32, seq: u64, call: Call) -> Self {
         Self {
-            tag: ((u64::from(comm) & COMM_MASK) << COMM_SHIFT) | (seq % ABORT_SEQ),
+            tag: ((u64::from(comm) & COMM_MASK) << COMM_SHIFT) | (seq % SEQ_SPACE),
             call,
         }
     }
@@ -108,6 +116,22 @@ impl Label {
     /// Whether this is an abort message.
     pub fn is_abort(&self) -> bool {
         self.is_collective() && self.seq() == ABORT_SEQ
+    }
+
+    /// The message that says this rank lost its link to rank `lost` (a transport rank).
+    pub fn lost(comm: u32, lost: usize, call: Call) -> Self {
+        let seq = LOST_BASE - (lost as u64).min(MAX_LOST - 1);
+        Self {
+            tag: ((u64::from(comm) & COMM_MASK) << COMM_SHIFT) | seq,
+            call,
+        }
+    }
+
+    /// The rank a lost-peer message names.
+    pub fn lost_rank(&self) -> Option<usize> {
+        let seq = self.seq();
+        (self.is_collective() && seq <= LOST_BASE && seq > LOST_BASE - MAX_LOST)
+            .then(|| (LOST_BASE - seq) as usize)
     }
 }
 

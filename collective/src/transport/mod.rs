@@ -59,6 +59,16 @@ pub enum TransportError {
         /// What the peer was calling.
         call: Call,
     },
+    /// Another rank lost its link to a rank, which is presumably gone.
+    #[error("rank {lost} is gone: rank {peer} lost its link to it during its {call}")]
+    PeerLost {
+        /// The rank that reported it.
+        peer: usize,
+        /// The rank that is gone.
+        lost: usize,
+        /// What the reporter was calling.
+        call: Call,
+    },
     /// The link to the peer is gone.
     #[error("the link to rank {peer} is broken: {reason}")]
     Broken {
@@ -161,6 +171,13 @@ pub(crate) fn classify(
     theirs: &Label,
 ) -> Result<Arrival, TransportError> {
     let same_comm = theirs.comm() == ours.comm();
+    if let (Some(lost), true) = (theirs.lost_rank(), same_comm) {
+        return Err(TransportError::PeerLost {
+            peer,
+            lost,
+            call: theirs.call,
+        });
+    }
     if theirs.is_abort() && same_comm {
         return Err(TransportError::Aborted {
             peer,

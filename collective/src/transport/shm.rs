@@ -27,8 +27,9 @@ use crate::store::{StoreClient, StoreError};
 const RING: usize = 1 << 20;
 /// Ring control block: producer and consumer counters on cache lines of their own.
 const CONTROL: usize = 128;
-/// Doorbell area at the start of a segment.
+/// Doorbell area at the start of a segment: the futex word, then the creator's pid.
 const BELL: usize = 64;
+const PID: usize = 8;
 /// Spins on the rings before sleeping on the doorbell (cheap for short waits).
 const SPINS: u32 = 200;
 
@@ -215,6 +216,9 @@ impl ShmTransport {
             "create {} ({len} bytes; is /dev/shm large enough?)",
             path.display()
         )))?;
+        // The creator's pid, so that peers can tell when this process is gone.
+        own.atomic_u64(PID)
+            .store(u64::from(std::process::id()), Ordering::Release);
         store
             .set(
                 &format!("shm/{rank}"),
@@ -246,6 +250,19 @@ impl ShmTransport {
             segments,
             early: (0..size).map(|_| Mutex::new(Stash::default())).collect(),
         })
+    }
+
+    /// The pid of `peer`'s process when that process no longer runs.
+    fn gone(&self, peer: usize) -> Option<u64> {
+        let pid = self.segments[peer].atomic_u64(PID).load(Ordering::Acquire);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        // A zombie has exited too (its parent has not reaped it yet).
+        let running = stat
+            .as_deref()
+            .and_then(|s| s.rsplit_once(") "))
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|c| c != 'Z' && c != 'X');
+        (pid != 0 && !running).then_some(pid)
     }
 
     /// The ring carrying `from → to`, in `to`'s segment.
@@ -491,6 +508,20 @@ impl Transport for ShmTransport {
             } else {
                 // Sleep until a peer rings (the bell changed since `seen`), bounded.
                 futex_wait(bell, seen, left.min(Duration::from_millis(100)));
+                // A peer that died rings no more: look for it rather than wait out the deadline.
+                let awaited = receiving.as_ref().filter(|r| !r.done).map(|r| r.peer);
+                let feeding = sending
+                    .as_ref()
+                    .filter(|s| s.written < FRAME_HEADER + s.payload.len())
+                    .map(|s| s.peer);
+                for peer in awaited.into_iter().chain(feeding) {
+                    if let Some(pid) = self.gone(peer) {
+                        return Err(TransportError::Broken {
+                            peer,
+                            reason: format!("its process {pid} is gone"),
+                        });
+                    }
+                }
             }
         }
     }

@@ -1,6 +1,8 @@
 //! A worker for the multi-process tests: joins the job's communicator (bootstrapped through the
 //! agent store that `ferrun` hosts) and checks each collective against a plain reference.
-//! Prints `rank R of N: collectives ok` and exits 0, or names what went wrong and exits 1.
+//! Prints `rank R of N: collectives ok over <transport>` and exits 0, or names what went wrong
+//! and exits 1. With `--die-rank R`, rank R SIGKILLs itself after the first all_reduce while the
+//! others keep all-reducing: they must fail with an error naming it, not hang.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -27,6 +29,25 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         },
     )?;
     let (r, n) = (comm.rank(), comm.size());
+    let args: Vec<String> = std::env::args().collect();
+    let die_rank: Option<usize> = args
+        .iter()
+        .position(|a| a == "--die-rank")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok());
+    if let Some(victim) = die_rank {
+        let mut big = vec![1f32; 1 << 20];
+        comm.all_reduce(&mut big, ReduceOp::Sum)?;
+        if r == victim {
+            std::process::Command::new("kill")
+                .args(["-9", &std::process::id().to_string()])
+                .status()?;
+        }
+        for _ in 0..100 {
+            comm.all_reduce(&mut big, ReduceOp::Sum)?;
+        }
+        return Err("all_reduce kept succeeding with a dead peer".into());
+    }
     let value = |rank: usize, i: usize| ((rank * 31 + i) % 17) as f32;
     for count in [0usize, 1, 1001, 1 << 20] {
         let mut buf: Vec<f32> = (0..count).map(|i| value(r, i)).collect();
