@@ -516,6 +516,21 @@ impl Transport for ShmTransport {
                     .map(|s| s.peer);
                 for peer in awaited.into_iter().chain(feeding) {
                     if let Some(pid) = self.gone(peer) {
+                        // All a dead process wrote is in the ring now: one last try before
+                        // declaring it gone (it may have sent its last message and exited).
+                        let mut moved = false;
+                        if let Some(s) = sending
+                            .as_mut()
+                            .filter(|s| s.written < FRAME_HEADER + s.payload.len())
+                        {
+                            moved |= self.push(s);
+                        }
+                        if let Some(r) = receiving.as_mut().filter(|r| !r.done) {
+                            moved |= self.pull(r, &label)?;
+                        }
+                        if moved {
+                            break;
+                        }
                         return Err(TransportError::Broken {
                             peer,
                             reason: format!("its process {pid} is gone"),
