@@ -43,8 +43,15 @@ impl Communicator<Auto> {
     ///
     /// # Errors
     /// [`InitError`] naming the variable, the store address or the peer that failed.
-    pub fn from_env(name: &str, options: Options) -> Result<Self, InitError> {
+    pub fn from_env(name: &str, mut options: Options) -> Result<Self, InitError> {
         let env = WorkerEnv::from_env()?;
+        // For measuring the algorithm switch on a machine (see `ferrun-bench`).
+        if let Some(bytes) = std::env::var("FERRUN_SMALL_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            options.small_bytes = bytes;
+        }
         Self::from_contract(&env, name, options)
     }
 
