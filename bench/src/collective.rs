@@ -55,6 +55,9 @@ pub(crate) struct Options {
     /// Write the results as JSON lines to this file (rank 0).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Write the results as CSV to this file (rank 0).
+    #[arg(long)]
+    csv: Option<std::path::PathBuf>,
 }
 
 /// `4`, `64K`, `16M`, `1G` → bytes.
@@ -207,6 +210,9 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
         );
     }
     let mut json = Vec::new();
+    let mut csv = vec![
+        "collective,ranks,transport,size_bytes,count,time_us,algbw_gbs,busbw_gbs,wrong".to_owned(),
+    ];
     for size in sizes(o) {
         let mut case = Case::new(o.op, size, n);
         let row = measure(&comm, &mut case, size)?;
@@ -223,6 +229,16 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
                 row.busbw,
                 row.wrong
             );
+            csv.push(format!(
+                "{:?},{n},{},{size},{},{},{},{},{}",
+                o.op,
+                comm.transport().kind(),
+                case.count(),
+                row.time.as_secs_f64() * 1e6,
+                row.algbw,
+                row.busbw,
+                row.wrong
+            ));
             json.push(format!(
                 "{{\"coll\":\"{:?}\",\"ranks\":{n},\"size\":{size},\"time_us\":{},\"algbw\":{},\"busbw\":{},\"wrong\":{}}}",
                 o.op,
@@ -235,6 +251,10 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
     }
     if let (0, Some(path)) = (rank, &o.json) {
         std::fs::write(path, json.join("\n") + "\n")
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    if let (0, Some(path)) = (rank, &o.csv) {
+        std::fs::write(path, csv.join("\n") + "\n")
             .with_context(|| format!("write {}", path.display()))?;
     }
     Ok(())
