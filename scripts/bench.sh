@@ -5,11 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 anchors="${FERRUN_ANCHORS:-../shared/anchors}"
-if ! command -v mpicc >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev
+if ! command -v mpicc >/dev/null || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev fonts-dejavu-core
 fi
 export FERRUN_VENV="$(scripts/setup-python.sh)"
 cargo build --release --quiet -p ferrun-launcher -p ferrun-bench
 target/release/ferrun-bench launcher --anchors "$anchors" --runs 7
 target/release/ferrun-bench store --rounds 50
-target/release/ferrun-bench compare all_reduce --anchors "$anchors"
+mkdir -p bench/out
+target/release/ferrun-bench compare all_reduce --anchors "$anchors" --plot bench/out/all_reduce_busbw.png

@@ -29,6 +29,9 @@ pub(crate) struct Options {
     /// The torch 2.13 virtualenv.
     #[arg(long, env = "FERRUN_VENV")]
     venv: PathBuf,
+    /// Also draw busbw against size for every runtime and world size to this PNG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// The ferrun binary that launches this benchmark's ranks.
     #[arg(long, default_value = "target/release/ferrun")]
     ferrun: PathBuf,
@@ -66,6 +69,7 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
         .join(",");
     let name = op_name(o.op);
     let mpi_binary = build_mpi(&o.anchors, out.path())?;
+    let mut series: Vec<crate::plot::Series> = Vec::new();
     for &n in &o.ranks {
         let ours_path = out.path().join(format!("ferrun_{n}.json"));
         let status = Command::new(&o.ferrun)
@@ -112,13 +116,23 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
             (Some(bin), Collective::AllReduce) => Some(run_mpi(bin, n, out.path())?),
             _ => None,
         };
-        print_table(
-            name,
-            n,
-            &read_ours(&ours_path)?,
-            &read_gloo(&theirs_path, name)?,
-            mpi.as_ref(),
-        );
+        let (ours, gloo) = (read_ours(&ours_path)?, read_gloo(&theirs_path, name)?);
+        print_table(name, n, &ours, &gloo, mpi.as_ref());
+        let line = |rows: &Rows| {
+            rows.iter()
+                .filter(|r| r.0 > 4)
+                .map(|&(s, _, bw)| (s as f64, bw))
+                .collect::<Vec<_>>()
+        };
+        series.push((format!("ferrun, {n} ranks"), line(&ours)));
+        series.push((format!("Gloo, {n} ranks"), line(&gloo)));
+        if let Some(m) = &mpi {
+            series.push((format!("OpenMPI, {n} ranks"), line(m)));
+        }
+    }
+    if let Some(path) = &o.plot {
+        crate::plot::busbw_png(path, &format!("{name} busbw (float32)"), &series)?;
+        println!("plot: {}", path.display());
     }
     if mpi_binary.is_none() {
         println!("OpenMPI: not installed here (scripts/bench.sh installs openmpi-bin and libopenmpi-dev), so not compared");

@@ -7,6 +7,7 @@
 mod collective;
 mod compare;
 mod launcher;
+mod plot;
 mod stats;
 mod store;
 
