@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use ferrun_collective::comm::{CommError, Communicator, Options};
 use ferrun_collective::reduce::ReduceOp;
 use ferrun_collective::store::{StoreClient, StoreServer};
+use ferrun_collective::transport::mixed::Mixed;
 use ferrun_collective::transport::shm::ShmTransport;
 use ferrun_collective::transport::tcp::TcpTransport;
 use ferrun_collective::transport::{Auto, TransportError};
@@ -15,9 +16,11 @@ use ferrun_collective::transport::{Auto, TransportError};
 enum Kind {
     Tcp,
     Shm,
+    /// Ranks paired into pretend hosts (0-1, 2-3, …): shm within a pair, TCP across.
+    Mixed,
 }
 
-const KINDS: [Kind; 2] = [Kind::Tcp, Kind::Shm];
+const KINDS: [Kind; 3] = [Kind::Tcp, Kind::Shm, Kind::Mixed];
 
 fn spawn<R: Send + 'static>(
     kind: Kind,
@@ -53,6 +56,17 @@ fn spawn<R: Send + 'static>(
                                 .await
                                 .expect("segments"),
                         ),
+                        Kind::Mixed => {
+                            let tcp = TcpTransport::connect(&mut store, rank, n, timeout)
+                                .await
+                                .expect("mesh");
+                            let local: Vec<bool> = (0..n).map(|r| r / 2 == rank / 2).collect();
+                            let group: Vec<usize> = (0..n).filter(|&r| local[r]).collect();
+                            let shm = ShmTransport::connect_group(&mut store, group, rank, timeout)
+                                .await
+                                .expect("segments");
+                            Auto::Mixed(Mixed::new(shm, tcp, local))
+                        }
                     }
                 });
                 f(Communicator::new(transport, options))

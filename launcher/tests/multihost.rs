@@ -302,7 +302,7 @@ fn collective_worker() -> String {
 }
 
 #[test]
-fn ferruns_own_collectives_run_across_hosts_over_tcp() {
+fn ferruns_own_collectives_run_across_hosts_over_tcp_and_within_them_over_shared_memory() {
     let hosts = Hosts::new();
     let master = hosts.addrs[0].clone();
     let script = ["--no-python".to_owned(), collective_worker()];
@@ -326,10 +326,10 @@ fn ferruns_own_collectives_run_across_hosts_over_tcp() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // The hosts differ (network namespaces), so the communicator picked TCP between them.
+    // The hosts differ (network namespaces): TCP between them, shared memory within each.
     for rank in 0..4 {
         assert!(
-            stdout.contains(&format!("rank {rank} of 4: collectives ok over tcp")),
+            stdout.contains(&format!("rank {rank} of 4: collectives ok over shm+tcp")),
             "{stdout}"
         );
     }

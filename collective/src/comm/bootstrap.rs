@@ -1,15 +1,16 @@
 //! Creating a communicator from the worker environment contract: the agent store at
 //! `MASTER_ADDR:MASTER_PORT` (which `ferrun` hosts) carries every rank's address.
 //!
-//! The transport is chosen for the whole communicator: shared memory when every rank runs on
-//! this host (same boot id and network namespace), TCP otherwise; `FERRUN_TRANSPORT=tcp` or
-//! `=shm` forces one.
+//! The transport is chosen per pair of ranks: shared memory between ranks on one host (same
+//! boot id and network namespace), TCP between hosts; `FERRUN_TRANSPORT=tcp` or `=shm` (one
+//! host only) forces one for every pair.
 
 use std::time::Duration;
 
 use super::{Communicator, Options};
 use crate::env::{EnvError, WorkerEnv};
 use crate::store::{StoreClient, StoreError};
+use crate::transport::mixed::Mixed;
 use crate::transport::shm::{ShmError, ShmTransport};
 use crate::transport::tcp::{BootstrapError, TcpTransport};
 use crate::transport::Auto;
@@ -86,8 +87,22 @@ impl Communicator<Auto> {
                 (Some("shm"), true) | (None, true) => {
                     Auto::Shm(ShmTransport::connect(&mut store, rank, size, join).await?)
                 }
-                (Some("tcp"), _) | (None, false) => {
+                (Some("tcp"), _) => {
                     Auto::Tcp(TcpTransport::connect(&mut store, rank, size, join).await?)
+                }
+                (None, false) => {
+                    // Several hosts: TCP between every pair of hosts, shared memory within a
+                    // host that holds more than one rank.
+                    let tcp = TcpTransport::connect(&mut store, rank, size, join).await?;
+                    let local: Vec<bool> = hosts.iter().map(|h| *h == hosts[rank]).collect();
+                    let group: Vec<usize> = (0..size).filter(|&r| local[r]).collect();
+                    if group.len() > 1 {
+                        let shm =
+                            ShmTransport::connect_group(&mut store, group, rank, join).await?;
+                        Auto::Mixed(Mixed::new(shm, tcp, local))
+                    } else {
+                        Auto::Tcp(tcp)
+                    }
                 }
                 (Some(other), _) => return Err(InitError::Transport(other.to_owned())),
             };

@@ -3,12 +3,14 @@
 //! - [`mem`]: ranks as threads of one process (the test harness, gloo's `spawn` pattern).
 //! - [`tcp`]: one TCP connection per pair of ranks, bootstrapped through the store.
 //! - [`shm`]: shared-memory rings between the ranks of one host.
-//! - [`Auto`]: shared memory when every rank is on this host, TCP otherwise.
+//! - [`mixed`]: shared memory to this host's ranks, TCP to the others.
+//! - [`Auto`]: whichever of these fits where the ranks are.
 
 use std::time::Duration;
 
 pub mod label;
 pub mod mem;
+pub mod mixed;
 pub mod shm;
 pub mod tcp;
 
@@ -79,6 +81,54 @@ pub enum TransportError {
     },
 }
 
+impl TransportError {
+    /// The same error with its peer renamed through `map` (an index into a group → a job rank).
+    pub(crate) fn with_peer_map(self, map: &[usize]) -> Self {
+        let g = |p: usize| map.get(p).copied().unwrap_or(p);
+        match self {
+            Self::Timeout { peer, after } => Self::Timeout {
+                peer: g(peer),
+                after,
+            },
+            Self::Size {
+                peer,
+                expected,
+                got,
+            } => Self::Size {
+                peer: g(peer),
+                expected,
+                got,
+            },
+            Self::Mismatch {
+                peer,
+                seq,
+                ours,
+                their_seq,
+                theirs,
+            } => Self::Mismatch {
+                peer: g(peer),
+                seq,
+                ours,
+                their_seq,
+                theirs,
+            },
+            Self::Aborted { peer, call } => Self::Aborted {
+                peer: g(peer),
+                call,
+            },
+            Self::PeerLost { peer, lost, call } => Self::PeerLost {
+                peer: g(peer),
+                lost,
+                call,
+            },
+            Self::Broken { peer, reason } => Self::Broken {
+                peer: g(peer),
+                reason,
+            },
+        }
+    }
+}
+
 /// Tagged point-to-point messages between the ranks of one communicator.
 ///
 /// Messages between two ranks with the same tag arrive in the order they were sent.
@@ -102,13 +152,16 @@ pub trait Transport: Send + Sync {
 }
 
 /// The transport a communicator picked: shared memory when all its ranks share a host (and
-/// network namespace), TCP otherwise; `FERRUN_TRANSPORT=tcp|shm` forces one.
+/// network namespace), shared memory within hosts and TCP across them when a host holds several
+/// ranks, TCP otherwise; `FERRUN_TRANSPORT=tcp|shm` forces one.
 #[derive(Debug)]
 pub enum Auto {
     /// Shared memory.
     Shm(shm::ShmTransport),
     /// TCP.
     Tcp(tcp::TcpTransport),
+    /// Shared memory within this host, TCP across hosts.
+    Mixed(mixed::Mixed),
 }
 
 impl Auto {
@@ -117,6 +170,7 @@ impl Auto {
         match self {
             Self::Shm(_) => "shm",
             Self::Tcp(_) => "tcp",
+            Self::Mixed(_) => "shm+tcp",
         }
     }
 }
@@ -126,6 +180,7 @@ impl Transport for Auto {
         match self {
             Self::Shm(t) => t.rank(),
             Self::Tcp(t) => t.rank(),
+            Self::Mixed(t) => t.rank(),
         }
     }
 
@@ -133,6 +188,7 @@ impl Transport for Auto {
         match self {
             Self::Shm(t) => t.size(),
             Self::Tcp(t) => t.size(),
+            Self::Mixed(t) => t.size(),
         }
     }
 
@@ -146,6 +202,7 @@ impl Transport for Auto {
         match self {
             Self::Shm(t) => t.exchange(label, send, recv, deadline),
             Self::Tcp(t) => t.exchange(label, send, recv, deadline),
+            Self::Mixed(t) => t.exchange(label, send, recv, deadline),
         }
     }
 }

@@ -183,8 +183,11 @@ fn ring_bell(word: &AtomicU32) {
 /// One rank's end of the shared-memory mesh of a host.
 #[derive(Debug)]
 pub struct ShmTransport {
+    /// This rank's index in `members`.
     rank: usize,
     size: usize,
+    /// The transport (job) ranks of the group, in order; peers are named by these.
+    members: Vec<usize>,
     /// `segments[r]`: rank r's segment (its doorbell and inbound rings).
     segments: Vec<Mapping>,
     /// Frames read from a peer for tags not asked for yet.
@@ -193,7 +196,7 @@ pub struct ShmTransport {
 
 impl ShmTransport {
     /// Creates this rank's segment, maps every peer's (names exchanged under `store`), then
-    /// unlinks its own once all are mapped.
+    /// unlinks its own once all are mapped. Every rank of the job is in the group.
     ///
     /// # Errors
     /// [`ShmError`] naming the store or file operation that failed.
@@ -203,15 +206,33 @@ impl ShmTransport {
         size: usize,
         timeout: Duration,
     ) -> Result<Self, ShmError> {
+        Self::connect_group(store, (0..size).collect(), rank, timeout).await
+    }
+
+    /// As [`ShmTransport::connect`], for the job ranks `members` (those on this host); `me` is
+    /// this rank's job rank.
+    ///
+    /// # Errors
+    /// As [`ShmTransport::connect`].
+    pub async fn connect_group(
+        store: &mut StoreClient,
+        members: Vec<usize>,
+        me: usize,
+        timeout: Duration,
+    ) -> Result<Self, ShmError> {
+        let size = members.len();
+        let rank = members.iter().position(|&m| m == me).unwrap_or(0);
+        let group = members.first().copied().unwrap_or(0);
         let io = |what: String| move |source| ShmError::Io { what, source };
         remove_stale_segments();
         let len = segment_len(size);
-        let unique = format!(
-            "{}-{:x}",
-            std::process::id(),
-            Instant::now().elapsed().subsec_nanos() ^ (rank as u32).wrapping_mul(2_654_435_761)
-        );
-        let path = PathBuf::from(format!("/dev/shm/ferrun-{unique}-{rank}"));
+        // Unique per process and segment; the pid first, for `remove_stale_segments`.
+        static SEGMENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let serial = SEGMENTS.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(format!(
+            "/dev/shm/ferrun-{}-{serial}-{me}",
+            std::process::id()
+        ));
         let own = Mapping::open(&path, len, true).map_err(io(format!(
             "create {} ({len} bytes; is /dev/shm large enough?)",
             path.display()
@@ -220,15 +241,12 @@ impl ShmTransport {
         own.atomic_u64(PID)
             .store(u64::from(std::process::id()), Ordering::Release);
         store
-            .set(
-                &format!("shm/{rank}"),
-                path.display().to_string().as_bytes(),
-            )
+            .set(&format!("shm/{me}"), path.display().to_string().as_bytes())
             .await?;
         let mut segments = Vec::with_capacity(size);
         let mut own = Some(own);
-        for peer in 0..size {
-            if peer == rank {
+        for (i, &peer) in members.iter().enumerate() {
+            if i == rank {
                 segments.extend(own.take());
                 continue;
             }
@@ -239,14 +257,19 @@ impl ShmTransport {
                     .map_err(io(format!("map rank {peer}'s segment {name}")))?,
             );
         }
-        if store.add("shm/mapped", 1).await? == size as i64 {
-            store.set("shm/all_mapped", b"").await?;
+        let (mapped, all_mapped) = (
+            format!("shm/group_{group}/mapped"),
+            format!("shm/group_{group}/all_mapped"),
+        );
+        if store.add(&mapped, 1).await? == size as i64 {
+            store.set(&all_mapped, b"").await?;
         }
-        store.wait(&["shm/all_mapped"], timeout).await?;
+        store.wait(&[&all_mapped], timeout).await?;
         std::fs::remove_file(&path).map_err(io(format!("unlink {}", path.display())))?;
         Ok(Self {
             rank,
             size,
+            members,
             segments,
             early: (0..size).map(|_| Mutex::new(Stash::default())).collect(),
         })
@@ -435,14 +458,46 @@ impl ShmTransport {
 
 impl Transport for ShmTransport {
     fn rank(&self) -> usize {
-        self.rank
+        self.members[self.rank]
     }
 
     fn size(&self) -> usize {
         self.size
     }
 
+    /// Peers are job ranks; errors name job ranks too.
     fn exchange(
+        &self,
+        label: Label,
+        send: Option<(usize, &[u8])>,
+        recv: Option<(usize, &mut [u8])>,
+        deadline: Duration,
+    ) -> Result<(), TransportError> {
+        let local = |peer: usize| {
+            self.members
+                .iter()
+                .position(|&m| m == peer)
+                .ok_or_else(|| TransportError::Broken {
+                    peer,
+                    reason: "not on this host's shared memory".into(),
+                })
+        };
+        let send = match send {
+            Some((p, b)) => Some((local(p)?, b)),
+            None => None,
+        };
+        let recv = match recv {
+            Some((p, b)) => Some((local(p)?, b)),
+            None => None,
+        };
+        self.exchange_local(label, send, recv, deadline)
+            .map_err(|e| e.with_peer_map(&self.members))
+    }
+}
+
+impl ShmTransport {
+    /// [`Transport::exchange`] with peers as indexes into `members`.
+    fn exchange_local(
         &self,
         label: Label,
         send: Option<(usize, &[u8])>,
