@@ -130,6 +130,9 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
             series.push((format!("OpenMPI, {n} ranks"), line(m)));
         }
     }
+    if let Some(line) = memcpy_bandwidth(&o.anchors, out.path()) {
+        println!("{line}  ← one core's memcpy, the physical limit of a copy within this host\n");
+    }
     if let Some(path) = &o.plot {
         crate::plot::busbw_png(path, &format!("{name} busbw (float32)"), &series)?;
         println!("plot: {}", path.display());
@@ -138,6 +141,22 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
         println!("OpenMPI: not installed here (scripts/bench.sh installs openmpi-bin and libopenmpi-dev), so not compared");
     }
     Ok(())
+}
+
+/// One core's memcpy bandwidth at 64 MiB (`memcpy_bw.c`), when a C compiler is there.
+fn memcpy_bandwidth(anchors: &Path, dir: &Path) -> Option<String> {
+    let bin = dir.join("memcpy_bw");
+    let built = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&bin)
+        .arg(anchors.join("memcpy_bw.c"))
+        .status()
+        .ok()?;
+    if !built.success() {
+        return None;
+    }
+    let out = Command::new(&bin).args(["64", "11"]).output().ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Builds the OpenMPI anchor when mpicc and mpirun are installed.
