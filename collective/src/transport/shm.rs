@@ -334,6 +334,13 @@ struct Sending<'a> {
     written: usize,
 }
 
+impl Sending<'_> {
+    /// Whether the whole frame is in the ring.
+    fn done(&self) -> bool {
+        self.written == FRAME_HEADER + self.payload.len()
+    }
+}
+
 /// The frame being read from a peer.
 enum Current {
     /// A frame for the awaited tag, landing straight in the receive buffer.
@@ -355,6 +362,23 @@ struct Receiving<'a> {
 }
 
 impl ShmTransport {
+    /// Moves what can move now on both sides of an exchange; whether anything moved.
+    fn step(
+        &self,
+        sending: &mut Option<Sending<'_>>,
+        receiving: &mut Option<Receiving<'_>>,
+        label: &Label,
+    ) -> Result<bool, TransportError> {
+        let mut moved = false;
+        if let Some(s) = sending.as_mut().filter(|s| !s.done()) {
+            moved |= self.push(s);
+        }
+        if let Some(r) = receiving.as_mut().filter(|r| !r.done) {
+            moved |= self.pull(r, label)?;
+        }
+        Ok(moved)
+    }
+
     /// Writes as much of the frame as the ring has room for; whether anything moved.
     fn push(&self, s: &mut Sending<'_>) -> bool {
         let (map, ring) = self.ring(self.rank, s.peer);
@@ -524,19 +548,8 @@ impl ShmTransport {
         loop {
             let bell = self.segments[self.rank].bell();
             let seen = bell.load(Ordering::Acquire);
-            let mut moved = false;
-            if let Some(s) = sending
-                .as_mut()
-                .filter(|s| s.written < FRAME_HEADER + s.payload.len())
-            {
-                moved |= self.push(s);
-            }
-            if let Some(r) = receiving.as_mut().filter(|r| !r.done) {
-                moved |= self.pull(r, &label)?;
-            }
-            let send_done = sending
-                .as_ref()
-                .is_none_or(|s| s.written == FRAME_HEADER + s.payload.len());
+            let moved = self.step(&mut sending, &mut receiving, &label)?;
+            let send_done = sending.as_ref().is_none_or(Sending::done);
             let recv_done = receiving.as_ref().is_none_or(|r| r.done);
             if send_done && recv_done {
                 return Ok(());
@@ -565,25 +578,12 @@ impl ShmTransport {
                 futex_wait(bell, seen, left.min(Duration::from_millis(100)));
                 // A peer that died rings no more: look for it rather than wait out the deadline.
                 let awaited = receiving.as_ref().filter(|r| !r.done).map(|r| r.peer);
-                let feeding = sending
-                    .as_ref()
-                    .filter(|s| s.written < FRAME_HEADER + s.payload.len())
-                    .map(|s| s.peer);
+                let feeding = sending.as_ref().filter(|s| !s.done()).map(|s| s.peer);
                 for peer in awaited.into_iter().chain(feeding) {
                     if let Some(pid) = self.gone(peer) {
                         // All a dead process wrote is in the ring now: one last try before
                         // declaring it gone (it may have sent its last message and exited).
-                        let mut moved = false;
-                        if let Some(s) = sending
-                            .as_mut()
-                            .filter(|s| s.written < FRAME_HEADER + s.payload.len())
-                        {
-                            moved |= self.push(s);
-                        }
-                        if let Some(r) = receiving.as_mut().filter(|r| !r.done) {
-                            moved |= self.pull(r, &label)?;
-                        }
-                        if moved {
+                        if self.step(&mut sending, &mut receiving, &label)? {
                             break;
                         }
                         return Err(TransportError::Broken {
