@@ -185,7 +185,6 @@ fn ring_bell(word: &AtomicU32) {
 pub struct ShmTransport {
     /// This rank's index in `members`.
     rank: usize,
-    size: usize,
     /// The transport (job) ranks of the group, in order; peers are named by these.
     members: Vec<usize>,
     /// `segments[r]`: rank r's segment (its doorbell and inbound rings).
@@ -268,7 +267,6 @@ impl ShmTransport {
         std::fs::remove_file(&path).map_err(io(format!("unlink {}", path.display())))?;
         Ok(Self {
             rank,
-            size,
             members,
             segments,
             early: (0..size).map(|_| Mutex::new(Stash::default())).collect(),
@@ -486,7 +484,7 @@ impl Transport for ShmTransport {
     }
 
     fn size(&self) -> usize {
-        self.size
+        self.members.len()
     }
 
     /// Peers are job ranks; errors name job ranks too.
@@ -506,14 +504,8 @@ impl Transport for ShmTransport {
                     reason: "not on this host's shared memory".into(),
                 })
         };
-        let send = match send {
-            Some((p, b)) => Some((local(p)?, b)),
-            None => None,
-        };
-        let recv = match recv {
-            Some((p, b)) => Some((local(p)?, b)),
-            None => None,
-        };
+        let send = send.map(|(p, b)| local(p).map(|l| (l, b))).transpose()?;
+        let recv = recv.map(|(p, b)| local(p).map(|l| (l, b))).transpose()?;
         self.exchange_local(label, send, recv, deadline)
             .map_err(|e| e.with_peer_map(&self.members))
     }
