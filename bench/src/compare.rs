@@ -1,15 +1,19 @@
 //! A collective beside its peers in one invocation: ferrun's communicator (launched by
 //! `ferrun`), torch's Gloo (`../shared/anchors/gloo_allreduce.py` under torchrun, torch 2.13)
 //! and, for all_reduce where OpenMPI is installed, `mpi_allreduce.c` (its own fixed sizes:
-//! the 4 B latency, then 4 KiB … 64 MiB) — same ranks, ratios printed.
+//! the 4 B latency, then 4 KiB … 64 MiB) — same ranks, runs interleaved, ratios printed. With
+//! `--two-hosts`, across two namespaced hosts over TCP.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{ensure, Context};
-use serde_json::Value;
+use ferrun_tests::netns::Hosts;
 
 use crate::collective::{parse_size, Collective};
+use crate::peers::{
+    build_mpi, link_rate, median_rows, read_gloo, read_ours, run_mpi, Launch, Place, Rows,
+};
 
 /// Options of `ferrun-bench compare`.
 #[derive(Debug, clap::Args)]
@@ -32,6 +36,13 @@ pub(crate) struct Options {
     /// Also draw busbw against size for every runtime and world size to this PNG.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Runs of each contender, interleaved; the tables show per-size medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Half the ranks on each of two hosts (network namespaces joined by a veth pair; needs
+    /// root), TCP between them; OpenMPI is then not run.
+    #[arg(long)]
+    two_hosts: bool,
     /// The ferrun binary that launches this benchmark's ranks.
     #[arg(long, default_value = "target/release/ferrun")]
     ferrun: PathBuf,
@@ -60,64 +71,34 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
         "{} not found: cargo build --release -p ferrun-launcher",
         o.ferrun.display()
     );
+    ensure!(o.rounds > 0, "--rounds must be at least 1");
+    let hosts = if o.two_hosts {
+        Some(Hosts::create().map_err(|e| anyhow::anyhow!(e))?)
+    } else {
+        None
+    };
+    let place = hosts.as_ref().map_or(Place::OneHost, Place::TwoHosts);
     let out = tempfile::tempdir()?;
-    let sizes = o
-        .sizes
-        .iter()
-        .map(usize::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
     let name = op_name(o.op);
-    let mpi_binary = build_mpi(&o.anchors, out.path())?;
+    // OpenMPI across the namespaced hosts would need ssh between them: one host only.
+    let mpi_binary = match (o.two_hosts, o.op) {
+        (false, Collective::AllReduce) => build_mpi(&o.anchors, out.path())?,
+        _ => None,
+    };
     let mut series: Vec<crate::plot::Series> = Vec::new();
     for &n in &o.ranks {
-        let ours_path = out.path().join(format!("ferrun_{n}.json"));
-        let status = Command::new(&o.ferrun)
-            .args([
-                "--standalone",
-                "--nproc-per-node",
-                &n.to_string(),
-                "--no-python",
-            ])
-            .arg(std::env::current_exe()?)
-            .args(["collective", name, "--sizes", &sizes, "--json"])
-            .arg(&ours_path)
-            .env("RUST_LOG", "error")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()?;
-        ensure!(
-            status.success(),
-            "ferrun's run with {n} ranks failed: {status}"
-        );
-        let theirs_path = out.path().join("gloo").join(format!("{n}.json"));
-        let status = Command::new(o.venv.join("bin/torchrun"))
-            .args(["--standalone", "--nproc-per-node", &n.to_string()])
-            .arg(&gloo)
-            .args(["--colls", name, "--sizes", &sizes, "--json"])
-            .arg(&theirs_path)
-            .env("GLOO_SOCKET_IFNAME", "lo")
-            .env(
-                "PATH",
-                format!(
-                    "{}:{}",
-                    o.venv.join("bin").display(),
-                    std::env::var("PATH").unwrap_or_default()
-                ),
-            )
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()?;
-        ensure!(
-            status.success(),
-            "Gloo's run with {n} ranks failed: {status}"
-        );
-        let mpi = match (&mpi_binary, o.op) {
-            (Some(bin), Collective::AllReduce) => Some(run_mpi(bin, n, out.path())?),
-            _ => None,
-        };
-        let (ours, gloo) = (read_ours(&ours_path)?, read_gloo(&theirs_path, name)?);
-        print_table(name, n, &ours, &gloo, mpi.as_ref());
+        let (mut ours, mut theirs, mut mpi) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..o.rounds {
+            eprintln!("{name}, {n} ranks: round {}/{}", round + 1, o.rounds);
+            ours.push(run_ferrun(o, n, place, out.path())?);
+            theirs.push(run_gloo(o, n, place, out.path())?);
+            if let Some(bin) = &mpi_binary {
+                mpi.push(run_mpi(bin, n, out.path())?);
+            }
+        }
+        let (ours, gloo) = (median_rows(&ours), median_rows(&theirs));
+        let mpi = (!mpi.is_empty()).then(|| median_rows(&mpi));
+        print_table(name, n, place, o.rounds, &ours, &gloo, mpi.as_ref());
         let line = |rows: &Rows| {
             rows.iter()
                 .filter(|r| r.0 > 4)
@@ -130,6 +111,10 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
             series.push((format!("OpenMPI, {n} ranks"), line(m)));
         }
     }
+    if let Some(hosts) = &hosts {
+        let rate = link_rate(hosts)?;
+        println!("link between the hosts: {rate:.2} GB/s each way with both ways busy  ← bounds a 2-rank all_reduce's algbw across them\n");
+    }
     if let Some(line) = memcpy_bandwidth(&o.anchors, out.path()) {
         println!("{line}  ← one core's memcpy, the physical limit of a copy within this host\n");
     }
@@ -137,10 +122,73 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
         crate::plot::busbw_png(path, &format!("{name} busbw (float32)"), &series)?;
         println!("plot: {}", path.display());
     }
-    if mpi_binary.is_none() {
+    if o.two_hosts {
+        println!("OpenMPI: not run across hosts (its launcher would need ssh between them)");
+    } else if mpi_binary.is_none() && o.op == Collective::AllReduce {
         println!("OpenMPI: not installed here (scripts/bench.sh installs openmpi-bin and libopenmpi-dev), so not compared");
     }
     Ok(())
+}
+
+fn sizes_arg(o: &Options) -> String {
+    o.sizes
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// One run of ferrun's collective bench on `n` ranks.
+fn run_ferrun(o: &Options, n: usize, place: Place<'_>, dir: &Path) -> anyhow::Result<Rows> {
+    let json = dir.join(format!("ferrun_{n}.json"));
+    let _ = std::fs::remove_file(&json);
+    let bench = std::env::current_exe()?.display().to_string();
+    Launch {
+        launcher: &o.ferrun,
+        n,
+        args: vec![
+            "--no-python".into(),
+            bench,
+            "collective".into(),
+            op_name(o.op).into(),
+            "--sizes".into(),
+            sizes_arg(o),
+            "--json".into(),
+            json.display().to_string(),
+        ],
+        env: Vec::new(),
+    }
+    .run(place)
+    .context("ferrun's run")?;
+    read_ours(&json)
+}
+
+/// One run of Gloo's anchor under torchrun on `n` ranks.
+fn run_gloo(o: &Options, n: usize, place: Place<'_>, dir: &Path) -> anyhow::Result<Rows> {
+    let json = dir.join("gloo").join(format!("{n}.json"));
+    let _ = std::fs::remove_file(&json);
+    let path = format!(
+        "{}:{}",
+        o.venv.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Launch {
+        launcher: &o.venv.join("bin/torchrun"),
+        n,
+        args: vec![
+            o.anchors.join("gloo_allreduce.py").display().to_string(),
+            "--colls".into(),
+            op_name(o.op).into(),
+            "--sizes".into(),
+            sizes_arg(o),
+            "--json".into(),
+            json.display().to_string(),
+        ],
+        env: vec![("PATH".into(), path)],
+    }
+    .run(place)
+    .context("Gloo's run")?;
+    read_gloo(&json, op_name(o.op))
 }
 
 /// One core's memcpy bandwidth at 64 MiB (`memcpy_bw.c`), when a C compiler is there.
@@ -159,97 +207,20 @@ fn memcpy_bandwidth(anchors: &Path, dir: &Path) -> Option<String> {
     Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// Builds the OpenMPI anchor when mpicc and mpirun are installed.
-fn build_mpi(anchors: &Path, dir: &Path) -> anyhow::Result<Option<PathBuf>> {
-    if which("mpicc").is_none() || which("mpirun").is_none() {
-        return Ok(None);
-    }
-    let bin = dir.join("mpi_allreduce");
-    let status = Command::new("mpicc")
-        .args(["-O2", "-o"])
-        .arg(&bin)
-        .arg(anchors.join("mpi_allreduce.c"))
-        .status()?;
-    ensure!(
-        status.success(),
-        "mpicc failed on the OpenMPI anchor: {status}"
-    );
-    Ok(Some(bin))
-}
-
-/// Runs the OpenMPI anchor on `n` ranks; its rows, with the 4-byte latency as size 4.
-fn run_mpi(bin: &Path, n: usize, dir: &Path) -> anyhow::Result<Rows> {
-    let json = dir.join(format!("mpi_{n}.json"));
-    let status = Command::new("mpirun")
-        .args([
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            &n.to_string(),
-        ])
-        .arg(bin)
-        .arg(&json)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()?;
-    ensure!(
-        status.success(),
-        "OpenMPI's run with {n} ranks failed: {status}"
-    );
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
-    let mut rows = vec![(
-        4,
-        v["latency_4B_us"]["median"].as_f64().unwrap_or(f64::NAN),
-        0.0,
-    )];
-    for r in v["rows"].as_array().context("OpenMPI's JSON has no rows")? {
-        rows.push((
-            r["size"].as_u64().unwrap_or(0),
-            r["time_us"].as_f64().unwrap_or(f64::NAN),
-            r["busbw"].as_f64().unwrap_or(f64::NAN),
-        ));
-    }
-    Ok(rows)
-}
-
-/// `(size, time µs, busbw)` rows.
-type Rows = Vec<(u64, f64, f64)>;
-
-fn read_ours(path: &Path) -> anyhow::Result<Rows> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    text.lines()
-        .map(|line| {
-            let v: Value = serde_json::from_str(line)?;
-            Ok((
-                v["size"].as_u64().unwrap_or(0),
-                v["time_us"].as_f64().unwrap_or(f64::NAN),
-                v["busbw"].as_f64().unwrap_or(f64::NAN),
-            ))
-        })
-        .collect()
-}
-
-fn read_gloo(path: &Path, name: &str) -> anyhow::Result<Rows> {
-    let v: Value = serde_json::from_str(
-        &std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
-    )?;
-    let rows = v["collectives"][name]["rows"]
-        .as_array()
-        .context("Gloo's JSON has no rows for this collective")?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            (
-                r["size"].as_u64().unwrap_or(0),
-                r["time_us"].as_f64().unwrap_or(f64::NAN),
-                r["busbw"].as_f64().unwrap_or(f64::NAN),
-            )
-        })
-        .collect())
-}
-
-fn print_table(name: &str, n: usize, ours: &Rows, gloo: &Rows, mpi: Option<&Rows>) {
-    println!("{name}, {n} ranks, float32 (same invocation; busbw in GB/s)");
+fn print_table(
+    name: &str,
+    n: usize,
+    place: Place<'_>,
+    rounds: usize,
+    ours: &Rows,
+    gloo: &Rows,
+    mpi: Option<&Rows>,
+) {
+    let place = match place {
+        Place::OneHost => "one host".to_owned(),
+        Place::TwoHosts(_) => format!("two hosts, {} ranks each, TCP between them", n / 2),
+    };
+    println!("{name}, {n} ranks on {place}, float32 (same invocation, medians of {rounds} interleaved rounds; busbw in GB/s)");
     print!(
         "{:>10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>7}",
         "size", "gloo µs", "ferrun µs", "time ×", "gloo bw", "ferrun bw", "bw ×"
@@ -276,10 +247,4 @@ fn print_table(name: &str, n: usize, ours: &Rows, gloo: &Rows, mpi: Option<&Rows
         println!();
     }
     println!("time × = ferrun / Gloo (lower is better); bw × = ferrun / Gloo; × mpi = ferrun / OpenMPI busbw (at 4 B: OpenMPI time / ferrun time; higher is better)\n");
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
 }

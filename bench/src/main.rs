@@ -7,6 +7,8 @@
 mod collective;
 mod compare;
 mod launcher;
+mod link;
+mod peers;
 mod plot;
 mod stats;
 mod store;
@@ -33,6 +35,9 @@ enum Command {
     Collective(collective::Options),
     /// A collective beside Gloo (and OpenMPI where installed) in one invocation, with ratios.
     Compare(compare::Options),
+    /// One end of the raw TCP link test between `compare --two-hosts`'s hosts.
+    #[command(hide = true)]
+    Link(link::Options),
     /// Hosts a ferrun store server until stdin closes (the bench runs it as a peer process).
     #[command(hide = true)]
     StoreServer,
@@ -44,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         Command::Store(options) => store::run(&options),
         Command::Collective(options) => collective::run(&options),
         Command::Compare(options) => compare::run(&options),
+        Command::Link(options) => link::run(&options),
         Command::StoreServer => store::serve(),
     }
 }

@@ -141,8 +141,108 @@ element!(bf16, Bf16, bf16::ZERO, |a, b| bf16::from_f32(min32(a.to_f32(), b.to_f3
 /// Never for equal lengths; the callers (the algorithms) guarantee them.
 pub fn combine_into<T: Element>(op: ReduceOp, acc: &mut [T], other: &[T]) {
     debug_assert_eq!(acc.len(), other.len());
-    for (a, b) in acc.iter_mut().zip(other) {
-        *a = T::combine(op, *a, *b);
+    // One loop per operation, so that each is a tight (vectorizable) loop.
+    fn each<T: Element>(acc: &mut [T], other: &[T], op: ReduceOp) {
+        for (a, b) in acc.iter_mut().zip(other) {
+            *a = T::combine(op, *a, *b);
+        }
+    }
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => each(acc, other, ReduceOp::Sum),
+        ReduceOp::Prod => each(acc, other, ReduceOp::Prod),
+        ReduceOp::Min => each(acc, other, ReduceOp::Min),
+        ReduceOp::Max => each(acc, other, ReduceOp::Max),
+    }
+}
+
+/// Combines elements arriving as little-endian bytes, in pieces cut anywhere (a piece may end
+/// inside an element), into an accumulator: a receive reduces straight from the transport's
+/// memory, with no copy into a buffer first.
+#[derive(Debug)]
+pub struct ByteFold<'a, T: Element> {
+    op: ReduceOp,
+    acc: &'a mut [T],
+    /// Elements of `acc` combined so far.
+    done: usize,
+    /// The first bytes of an element cut between two pieces.
+    carry: [u8; 8],
+    carried: usize,
+}
+
+impl<'a, T: Element> ByteFold<'a, T> {
+    /// A fold of `size_of_val(acc)` bytes into `acc`.
+    pub fn new(op: ReduceOp, acc: &'a mut [T]) -> Self {
+        Self {
+            op,
+            acc,
+            done: 0,
+            carry: [0; 8],
+            carried: 0,
+        }
+    }
+
+    /// Combines the next piece of bytes.
+    ///
+    /// # Panics
+    /// If more bytes arrive than `acc` holds (the transports check lengths first).
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        let size = std::mem::size_of::<T>();
+        if self.carried > 0 {
+            let k = (size - self.carried).min(bytes.len());
+            self.carry[self.carried..self.carried + k].copy_from_slice(&bytes[..k]);
+            (self.carried, bytes) = (self.carried + k, &bytes[k..]);
+            if self.carried < size {
+                return;
+            }
+            let b = read_element::<T>(&self.carry[..size]);
+            let a = &mut self.acc[self.done];
+            *a = T::combine(self.op, *a, b);
+            (self.done, self.carried) = (self.done + 1, 0);
+        }
+        let whole = bytes.len() / size;
+        let acc = &mut self.acc[self.done..self.done + whole];
+        combine_from_bytes(self.op, acc, &bytes[..whole * size]);
+        self.done += whole;
+        let rest = &bytes[whole * size..];
+        self.carry[..rest.len()].copy_from_slice(rest);
+        self.carried = rest.len();
+    }
+}
+
+/// One element from its little-endian bytes, at any alignment.
+#[allow(unsafe_code)]
+fn read_element<T: Element>(bytes: &[u8]) -> T {
+    assert!(bytes.len() >= std::mem::size_of::<T>());
+    // SAFETY: in bounds (checked), unaligned read allowed; every bit pattern is a valid `T`
+    // (plain data, see `bytes_of_mut`), and the bytes are little-endian as `T` is here.
+    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
+}
+
+/// `acc[i] = acc[i] ∘ element i of bytes`, the bytes at any alignment.
+#[allow(unsafe_code)]
+fn combine_from_bytes<T: Element>(op: ReduceOp, acc: &mut [T], bytes: &[u8]) {
+    assert_eq!(std::mem::size_of_val(acc), bytes.len());
+    // SAFETY: as `read_element`; `align_to` only views whole, aligned `T`s in the middle.
+    let (head, middle, tail) = unsafe { bytes.align_to::<T>() };
+    if head.is_empty() {
+        combine_into(op, &mut acc[..middle.len()], middle);
+        let size = std::mem::size_of::<T>();
+        for (a, b) in acc[middle.len()..].iter_mut().zip(tail.chunks_exact(size)) {
+            *a = T::combine(op, *a, read_element(b));
+        }
+        return;
+    }
+    fn each<T: Element>(acc: &mut [T], bytes: &[u8], op: ReduceOp) {
+        let size = std::mem::size_of::<T>();
+        for (a, b) in acc.iter_mut().zip(bytes.chunks_exact(size)) {
+            *a = T::combine(op, *a, read_element(b));
+        }
+    }
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => each(acc, bytes, ReduceOp::Sum),
+        ReduceOp::Prod => each(acc, bytes, ReduceOp::Prod),
+        ReduceOp::Min => each(acc, bytes, ReduceOp::Min),
+        ReduceOp::Max => each(acc, bytes, ReduceOp::Max),
     }
 }
 
@@ -227,6 +327,33 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn byte_folds_combine_pieces_cut_anywhere() {
+        let theirs: Vec<f64> = (0..37).map(|i| f64::from(i) * 1.5 - 7.0).collect();
+        let ours: Vec<f64> = (0..37).map(|i| f64::from(i * i)).collect();
+        let mut want = ours.clone();
+        combine_into(ReduceOp::Max, &mut want, &theirs);
+        // Misaligned source bytes too: the ring hands out views at any offset.
+        let mut wire = vec![0u8; 1];
+        wire.extend_from_slice(bytes_of(&theirs));
+        let wire = &wire[1..];
+        for cuts in [
+            vec![],
+            vec![3],
+            vec![8, 9, 10],
+            vec![1, 2, 3, 4, 5, 6, 7, 100, 295],
+        ] {
+            let mut acc = ours.clone();
+            let mut fold = ByteFold::new(ReduceOp::Max, &mut acc);
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([wire.len()]) {
+                fold.feed(&wire[from..cut]);
+                from = cut;
+            }
+            assert_eq!(acc, want);
         }
     }
 

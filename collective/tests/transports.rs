@@ -60,12 +60,14 @@ fn spawn<R: Send + 'static>(
                             let tcp = TcpTransport::connect(&mut store, rank, n, timeout)
                                 .await
                                 .expect("mesh");
-                            let local: Vec<bool> = (0..n).map(|r| r / 2 == rank / 2).collect();
-                            let group: Vec<usize> = (0..n).filter(|&r| local[r]).collect();
+                            // Hosts of two ranks each: 0 and 1 share one, 2 and 3 the next…
+                            let hosts: Vec<usize> = (0..n).map(|r| r / 2).collect();
+                            let group: Vec<usize> =
+                                (0..n).filter(|&r| hosts[r] == hosts[rank]).collect();
                             let shm = ShmTransport::connect_group(&mut store, group, rank, timeout)
                                 .await
                                 .expect("segments");
-                            Auto::Mixed(Mixed::new(shm, tcp, local))
+                            Auto::Mixed(Mixed::new(shm, tcp, &hosts))
                         }
                     }
                 });
@@ -83,7 +85,11 @@ fn spawn<R: Send + 'static>(
 
 #[test]
 fn all_reduce_small_and_large_any_world_on_both_transports() {
-    for (kind, n) in KINDS.into_iter().flat_map(|k| [1, 2, 3, 5].map(|n| (k, n))) {
+    // With shared memory and TCP mixed, 4 ranks are two hosts of two: all-reduce by hosts.
+    for (kind, n) in KINDS
+        .into_iter()
+        .flat_map(|k| [1, 2, 3, 4, 5].map(|n| (k, n)))
+    {
         for small_bytes in [0, usize::MAX] {
             let results = spawn(
                 kind,

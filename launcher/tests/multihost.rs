@@ -6,7 +6,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::netns::Hosts;
+use ferrun_tests::netns::Hosts;
 use support::{ferrun, run_child, stdout_lines, text, wait_for_lines, worker};
 
 const LIMIT: Duration = Duration::from_secs(50);
@@ -56,7 +56,7 @@ fn node(hosts: &Hosts, rank: usize, master: &str, extra: &[&str], script: &[Stri
 
 #[test]
 fn two_hosts_all_reduce_and_a_late_node_0_is_waited_for() {
-    let hosts = Hosts::new();
+    let hosts = Hosts::create().expect("two namespaced hosts");
     let master = hosts.addrs[0].clone();
     let script = [worker("gloo_allreduce.py")];
     let conf = ["--rdzv-conf", "join_timeout=40"];
@@ -105,7 +105,7 @@ fn two_hosts_all_reduce_and_a_late_node_0_is_waited_for() {
 
 #[test]
 fn a_wrong_master_address_fails_clearly_within_the_timeout() {
-    let hosts = Hosts::new();
+    let hosts = Hosts::create().expect("two namespaced hosts");
     let wrong = hosts.addrs[1]
         .rsplit_once('.')
         .map(|(net, _)| format!("{net}.99"))
@@ -135,7 +135,7 @@ fn a_wrong_master_address_fails_clearly_within_the_timeout() {
 
 #[test]
 fn a_worker_failure_on_node_1_ends_node_0s_group_too() {
-    let hosts = Hosts::new();
+    let hosts = Hosts::create().expect("two namespaced hosts");
     let master = hosts.addrs[0].clone();
     let script = [
         worker("gloo_allreduce.py"),
@@ -218,7 +218,7 @@ fn contract_on_two_hosts(
 
 #[test]
 fn the_env_contract_across_hosts_matches_torchrun() {
-    let hosts = Hosts::new();
+    let hosts = Hosts::create().expect("two namespaced hosts");
     let theirs = contract_on_two_hosts(&hosts, true);
     let ours = contract_on_two_hosts(&hosts, false);
     assert_eq!(theirs.len(), 4);
@@ -248,7 +248,7 @@ fn the_env_contract_across_hosts_matches_torchrun() {
 
 #[test]
 fn a_port_in_use_on_node_0_is_named_with_the_fix() {
-    let hosts = Hosts::new();
+    let hosts = Hosts::create().expect("two namespaced hosts");
     let mut squatter = hosts.on(0, &{
         let mut c = Command::new(support::venv().join("bin/python"));
         c.args(["-c", "import socket,sys; s=socket.socket(); s.bind(('0.0.0.0', 29561)); s.listen(); print('bound', flush=True); sys.stdin.read()"]);
@@ -303,7 +303,7 @@ fn collective_worker() -> String {
 
 #[test]
 fn ferruns_own_collectives_run_across_hosts_over_tcp_and_within_them_over_shared_memory() {
-    let hosts = Hosts::new();
+    let hosts = Hosts::create().expect("two namespaced hosts");
     let master = hosts.addrs[0].clone();
     let script = ["--no-python".to_owned(), collective_worker()];
     let extra = ["--rdzv-conf", "join_timeout=40"];

@@ -3,11 +3,15 @@
 //! - `collective-worker` (a binary): a worker built on `ferrun_collective`, launched by
 //!   `ferrun`, that joins the job's communicator through the agent store and checks every
 //!   collective against a plain reference.
+//! - [`netns`]: two hosts on one machine (network namespaces), for multi-host tests and the
+//!   cross-host benchmark.
 //!
 //! The launcher's own end-to-end tests live in `launcher/tests/`, where cargo hands them the
 //! `ferrun` binary.
 
 use std::path::PathBuf;
+
+pub mod netns;
 
 /// The `ferrun` binary of this build (next to this crate's test binaries).
 ///

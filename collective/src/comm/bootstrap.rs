@@ -94,12 +94,12 @@ impl Communicator<Auto> {
                     // Several hosts: TCP between every pair of hosts, shared memory within a
                     // host that holds more than one rank.
                     let tcp = TcpTransport::connect(&mut store, rank, size, join).await?;
-                    let local: Vec<bool> = hosts.iter().map(|h| *h == hosts[rank]).collect();
-                    let group: Vec<usize> = (0..size).filter(|&r| local[r]).collect();
+                    let group: Vec<usize> =
+                        (0..size).filter(|&r| hosts[r] == hosts[rank]).collect();
                     if group.len() > 1 {
                         let shm =
                             ShmTransport::connect_group(&mut store, group, rank, join).await?;
-                        Auto::Mixed(Mixed::new(shm, tcp, local))
+                        Auto::Mixed(Mixed::new(shm, tcp, &hosts))
                     } else {
                         Auto::Tcp(tcp)
                     }

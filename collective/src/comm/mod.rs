@@ -13,14 +13,13 @@
 //!
 //! [`schedule`]: crate::schedule
 
-use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::reduce::{bytes_of, bytes_of_mut, combine_into, finish, Element, ReduceOp};
 use crate::schedule::{self, DoublingStep};
-use crate::transport::{Call, Kind, Label, Transport, TransportError};
+use crate::transport::{Call, Fold, Kind, Label, Transport, TransportError};
 
 /// A collective that failed, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,15 +80,19 @@ pub struct Communicator<T: Transport> {
     options: Options,
     sequence: AtomicU64,
     splits: AtomicU64,
+    /// Where the ranks sit, when large all-reduces go by hosts.
+    hosts: Option<Hosts>,
 }
 
 impl<T: Transport> Communicator<T> {
     /// A communicator of every rank of `transport`.
     pub fn new(transport: T, options: Options) -> Self {
         let (rank, size) = (transport.rank(), transport.size());
+        let members: Arc<[usize]> = (0..size).collect();
         Self {
+            hosts: Hosts::find(&members, rank, |r| transport.host_of(r)),
             transport: Arc::new(transport),
-            members: (0..size).collect(),
+            members,
             rank,
             id: 0,
             options,
@@ -144,24 +147,55 @@ impl<T: Transport> Communicator<T> {
     ) -> Result<(), CommError> {
         let send = send.map(|(p, b)| (self.members[p], b));
         let recv = recv.map(|(p, b)| (self.members[p], b));
-        self.transport
-            .exchange(tag, send, recv, self.options.deadline)
-            .map_err(|source| {
-                match &source {
-                    TransportError::Mismatch { .. } => {
-                        self.tell_peers(Label::abort(self.id, tag.call), None)
-                    }
-                    TransportError::Broken { peer, .. } => {
-                        self.tell_peers(Label::lost(self.id, *peer, tag.call), Some(*peer));
-                    }
-                    _ => {}
+        let moved = self
+            .transport
+            .exchange(tag, send, recv, self.options.deadline);
+        self.failed(op, tag, moved)
+    }
+
+    /// As [`Communicator::exchange`], combining what arrives into `recv`'s fold.
+    fn exchange_fold(
+        &self,
+        op: &'static str,
+        tag: Label,
+        send: Option<(usize, &[u8])>,
+        recv: Fold<'_>,
+    ) -> Result<(), CommError> {
+        let send = send.map(|(p, b)| (self.members[p], b));
+        let recv = Fold {
+            peer: self.members[recv.peer],
+            ..recv
+        };
+        let moved = self
+            .transport
+            .exchange_fold(tag, send, Some(recv), self.options.deadline);
+        self.failed(op, tag, moved)
+    }
+
+    /// Turns a transport failure into the op's error, telling the peers first why this rank
+    /// gives up (so that they fail at once too, rather than at their deadline).
+    fn failed(
+        &self,
+        op: &'static str,
+        tag: Label,
+        moved: Result<(), TransportError>,
+    ) -> Result<(), CommError> {
+        moved.map_err(|source| {
+            match &source {
+                TransportError::Mismatch { .. } => {
+                    self.tell_peers(Label::abort(self.id, tag.call), None)
                 }
-                CommError::Transport {
-                    op,
-                    rank: self.members[self.rank],
-                    source,
+                TransportError::Broken { peer, .. } => {
+                    self.tell_peers(Label::lost(self.id, *peer, tag.call), Some(*peer));
                 }
-            })
+                _ => {}
+            }
+            CommError::Transport {
+                op,
+                rank: self.members[self.rank],
+                source,
+            }
+        })
     }
 
     /// Tells every other member (but `skip`) why this rank gives up (best effort, briefly bounded).
@@ -199,8 +233,7 @@ impl<T: Transport> Communicator<T> {
             if std::mem::size_of_val(buf) <= self.options.small_bytes {
                 self.doubling_all_reduce(tag, buf, op)?;
             } else {
-                self.ring_reduce_scatter(tag, buf, op)?;
-                self.ring_all_gather("all_reduce", tag, buf)?;
+                self.ring_all_reduce(tag, buf, op)?;
             }
         }
         finish(op, buf, n);
@@ -236,60 +269,6 @@ impl<T: Transport> Communicator<T> {
                 DoublingStep::RecvResult(p) => {
                     self.exchange(OP, tag, None, Some((p, bytes_of_mut(buf))))?
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// Ring reduce-scatter in place: afterwards chunk `rank` of `buf` is fully reduced.
-    fn ring_reduce_scatter<E: Element>(
-        &self,
-        tag: Label,
-        buf: &mut [E],
-        op: ReduceOp,
-    ) -> Result<(), CommError> {
-        let (n, len) = (self.size(), buf.len());
-        let segment = (SEGMENT_BYTES / std::mem::size_of::<E>()).max(1);
-        let mut incoming = vec![E::ZERO; schedule::chunk(len, n, 0).len().min(segment)];
-        for step in schedule::ring_reduce_scatter(self.rank(), n) {
-            let send = schedule::chunk(len, n, step.send_chunk);
-            let recv = schedule::chunk(len, n, step.recv_chunk);
-            for (s, r) in segment_pairs(send, recv, segment) {
-                let inc = &mut incoming[..r.len()];
-                // The chunk sent and the chunk received differ, so both views can stand together.
-                let (sent, received) = split_pair(buf, s, r);
-                self.exchange(
-                    "reduce_scatter",
-                    tag,
-                    Some((step.send_to, bytes_of(sent))),
-                    Some((step.recv_from, bytes_of_mut(inc))),
-                )?;
-                combine_into(op, received, inc);
-            }
-        }
-        Ok(())
-    }
-
-    /// Ring all-gather in place: chunk `rank` of `buf` is this rank's; afterwards all are.
-    fn ring_all_gather<E: Element>(
-        &self,
-        op: &'static str,
-        tag: Label,
-        buf: &mut [E],
-    ) -> Result<(), CommError> {
-        let (n, len) = (self.size(), buf.len());
-        let segment = (SEGMENT_BYTES / std::mem::size_of::<E>()).max(1);
-        for step in schedule::ring_all_gather(self.rank(), n) {
-            let send = schedule::chunk(len, n, step.send_chunk);
-            let recv = schedule::chunk(len, n, step.recv_chunk);
-            for (s, r) in segment_pairs(send, recv, segment) {
-                let (sent, received) = split_pair(buf, s, r);
-                self.exchange(
-                    op,
-                    tag,
-                    Some((step.send_to, bytes_of(sent))),
-                    Some((step.recv_from, bytes_of_mut(received))),
-                )?;
             }
         }
         Ok(())
@@ -360,7 +339,12 @@ impl<T: Transport> Communicator<T> {
         }
         let tag = self.next_label::<E>(Kind::AllGather, m, None, None);
         output[self.rank() * m..(self.rank() + 1) * m].copy_from_slice(input);
-        self.ring_all_gather("all_gather", tag, output)
+        let everyone: Vec<usize> = (0..n).collect();
+        let ring = Ring {
+            ranks: &everyone,
+            me: self.rank,
+        };
+        self.ring_all_gather("all_gather", tag, ring, output)
     }
 
     /// Reduces `input` (`size` equal blocks) across ranks; rank `r` gets block `r` in `output`.
@@ -385,7 +369,12 @@ impl<T: Transport> Communicator<T> {
         }
         let tag = self.next_label::<E>(Kind::ReduceScatter, m, Some(op), None);
         let mut acc = input.to_vec();
-        self.ring_reduce_scatter(tag, &mut acc, op)?;
+        let everyone: Vec<usize> = (0..n).collect();
+        let ring = Ring {
+            ranks: &everyone,
+            me: self.rank,
+        };
+        self.ring_reduce_scatter(tag, ring, &mut acc, op)?;
         output.copy_from_slice(&acc[self.rank() * m..(self.rank() + 1) * m]);
         finish(op, output, n);
         Ok(())
@@ -476,7 +465,10 @@ impl<T: Transport> Communicator<T> {
 
 mod bootstrap;
 mod overlap;
+mod ring;
 mod split;
+
+use ring::{Hosts, Ring};
 
 pub use bootstrap::InitError;
 pub use overlap::{AsyncCommunicator, Handle};
@@ -496,34 +488,6 @@ fn p2p_label<E: Element>(comm: u32, tag: u32, count: usize) -> Label {
 /// Ring chunks move in segments of this many bytes, so that a received segment is combined
 /// while it is still in cache, and no step needs a chunk-sized scratch buffer.
 const SEGMENT_BYTES: usize = 1 << 20;
-
-/// The segments of a sent and a received chunk, paired step by step. Both sides of a link cut
-/// the same chunk the same way; the two chunks may differ by one element, so one side may
-/// have a last, empty segment.
-fn segment_pairs(
-    send: Range<usize>,
-    recv: Range<usize>,
-    segment: usize,
-) -> Vec<(Range<usize>, Range<usize>)> {
-    let count = send.len().max(recv.len()).div_ceil(segment).max(1);
-    let cut = |r: &Range<usize>, i: usize| {
-        let start = (r.start + i * segment).min(r.end);
-        start..(start + segment).min(r.end)
-    };
-    (0..count).map(|i| (cut(&send, i), cut(&recv, i))).collect()
-}
-
-/// Two disjoint ranges of one buffer, the first shared and the second writable.
-fn split_pair<E>(buf: &mut [E], a: Range<usize>, b: Range<usize>) -> (&[E], &mut [E]) {
-    if a.start >= b.end {
-        let (low, high) = buf.split_at_mut(a.start);
-        (&high[..a.len()], &mut low[b])
-    } else {
-        debug_assert!(a.end <= b.start, "ranges {a:?} and {b:?} overlap");
-        let (low, high) = buf.split_at_mut(b.start);
-        (&low[a], &mut high[..b.len()])
-    }
-}
 
 #[cfg(test)]
 mod tests;

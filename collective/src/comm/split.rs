@@ -28,6 +28,7 @@ impl<T: Transport> Communicator<T> {
         let members: Arc<[usize]> = group.iter().map(|&(_, r)| self.members[r]).collect();
         let rank = group.iter().position(|&(_, r)| r == self.rank).unwrap_or(0);
         Ok(Some(Self {
+            hosts: super::Hosts::find(&members, rank, |r| self.transport.host_of(r)),
             transport: Arc::clone(&self.transport),
             members,
             rank,

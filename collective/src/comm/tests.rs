@@ -25,8 +25,17 @@ fn spawn<R: Send + 'static>(
     options: Options,
     f: impl Fn(Communicator<MemTransport>) -> R + Send + Sync + 'static,
 ) -> Vec<R> {
+    spawn_on(MemTransport::network(n), options, f)
+}
+
+/// Runs `f` on the ranks of `network`, one thread each; results in rank order.
+fn spawn_on<R: Send + 'static>(
+    network: Vec<MemTransport>,
+    options: Options,
+    f: impl Fn(Communicator<MemTransport>) -> R + Send + Sync + 'static,
+) -> Vec<R> {
     let f = Arc::new(f);
-    let threads: Vec<_> = MemTransport::network(n)
+    let threads: Vec<_> = network
         .into_iter()
         .map(|t| {
             let f = Arc::clone(&f);
@@ -110,6 +119,50 @@ fn check_all_reduce<E: Small>() {
             }
         }
     }
+}
+
+fn check_all_reduce_by_hosts<E: Small>() {
+    let layouts: [&[usize]; 6] = [
+        &[0, 0, 1, 1],
+        &[0, 1, 0, 1],
+        &[5, 5, 5, 2, 2, 2],
+        &[0, 0, 1, 1, 2, 2],
+        &[0, 1, 2, 3, 0, 1, 2, 3],
+        &[0, 0, 1],
+    ];
+    for hosts in layouts {
+        let n = hosts.len();
+        let results = spawn_on(MemTransport::network_on_hosts(hosts), options(0), |c| {
+            let by_hosts = c.hosts.is_some();
+            let mut out = Vec::new();
+            for op in OPS {
+                for count in counts(c.size()).into_iter().chain([5000]) {
+                    let mut buf: Vec<E> = (0..count).map(|i| value(op, c.rank(), i)).collect();
+                    c.all_reduce(&mut buf, op).expect("all_reduce");
+                    out.push((op, count, buf));
+                }
+            }
+            (by_hosts, out)
+        });
+        for (by_hosts, rank) in results {
+            assert_eq!(by_hosts, n != 3, "{hosts:?}: by hosts when even");
+            for (op, count, buf) in rank {
+                assert_eq!(
+                    buf,
+                    reference::<E>(op, n, count),
+                    "{:?} hosts {hosts:?} {op:?} count={count}",
+                    E::DTYPE
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn all_reduce_by_hosts_every_layout() {
+    check_all_reduce_by_hosts::<f32>();
+    check_all_reduce_by_hosts::<i64>();
+    check_all_reduce_by_hosts::<bf16>();
 }
 
 #[test]

@@ -309,13 +309,29 @@ impl Stash {
         awaited: &Label,
         out: &mut [u8],
     ) -> Result<bool, TransportError> {
+        let payload = self.take(peer, awaited, out.len())?;
+        if let Some(payload) = &payload {
+            out.copy_from_slice(payload);
+        }
+        Ok(payload.is_some())
+    }
+
+    /// The kept payload of a frame for `awaited` (`expected` bytes), if one came early.
+    ///
+    /// # Errors
+    /// As [`accept`].
+    pub(crate) fn take(
+        &mut self,
+        peer: usize,
+        awaited: &Label,
+        expected: usize,
+    ) -> Result<Option<Vec<u8>>, TransportError> {
         let Some((label, payload)) = self.0.get_mut(&awaited.tag).and_then(VecDeque::pop_front)
         else {
-            return Ok(false);
+            return Ok(None);
         };
-        accept(peer, awaited, out.len(), &label, payload.len())?;
-        out.copy_from_slice(&payload);
-        Ok(true)
+        accept(peer, awaited, expected, &label, payload.len())?;
+        Ok(Some(payload))
     }
 }
 

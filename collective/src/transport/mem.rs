@@ -21,6 +21,8 @@ pub struct MemTransport {
     rank: usize,
     size: usize,
     shared: Arc<Shared>,
+    /// `hosts[r]`: the host rank `r` pretends to run on (for the host-aware algorithms).
+    hosts: Option<Arc<[usize]>>,
 }
 
 impl MemTransport {
@@ -32,8 +34,19 @@ impl MemTransport {
                 rank,
                 size,
                 shared: Arc::clone(&shared),
+                hosts: None,
             })
             .collect()
+    }
+
+    /// As [`MemTransport::network`], rank `r` pretending to run on host `hosts[r]`.
+    pub fn network_on_hosts(hosts: &[usize]) -> Vec<Self> {
+        let hosts: Arc<[usize]> = hosts.into();
+        let mut ranks = Self::network(hosts.len());
+        for rank in &mut ranks {
+            rank.hosts = Some(Arc::clone(&hosts));
+        }
+        ranks
     }
 }
 
@@ -44,6 +57,13 @@ impl Transport for MemTransport {
 
     fn size(&self) -> usize {
         self.size
+    }
+
+    fn host_of(&self, rank: usize) -> usize {
+        self.hosts
+            .as_ref()
+            .and_then(|h| h.get(rank).copied())
+            .unwrap_or(rank)
     }
 
     fn exchange(

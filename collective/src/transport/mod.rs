@@ -137,6 +137,11 @@ pub trait Transport: Send + Sync {
     fn rank(&self) -> usize;
     /// Number of ranks.
     fn size(&self) -> usize;
+    /// The host `rank` runs on, as a number: ranks on one host share memory. Unless a
+    /// transport knows better, every rank is a host of its own.
+    fn host_of(&self, rank: usize) -> usize {
+        rank
+    }
     /// Sends `send` (if any) to its peer and receives from another peer into `recv` (if any),
     /// both at once, so that a ring step never waits on itself.
     ///
@@ -149,6 +154,53 @@ pub trait Transport: Send + Sync {
         recv: Option<(usize, &mut [u8])>,
         deadline: Duration,
     ) -> Result<(), TransportError>;
+
+    /// As [`Transport::exchange`], but what arrives is handed to `fold` piece by piece, in
+    /// order, instead of landing in a buffer: a reduction combines straight from the
+    /// transport's memory where it can (shared memory), saving a copy. `scratch` has the
+    /// expected length; transports that cannot hand out their memory receive into it first.
+    ///
+    /// # Errors
+    /// As [`Transport::exchange`].
+    fn exchange_fold(
+        &self,
+        label: Label,
+        send: Option<(usize, &[u8])>,
+        recv: Option<Fold<'_>>,
+        deadline: Duration,
+    ) -> Result<(), TransportError> {
+        match recv {
+            Some(Fold {
+                peer,
+                scratch,
+                fold,
+            }) => {
+                self.exchange(label, send, Some((peer, &mut *scratch)), deadline)?;
+                fold(scratch);
+                Ok(())
+            }
+            None => self.exchange(label, send, None, deadline),
+        }
+    }
+}
+
+/// The receive side of [`Transport::exchange_fold`].
+pub struct Fold<'a> {
+    /// The sender.
+    pub peer: usize,
+    /// As long as the message expected; the bytes land here where they cannot be folded in place.
+    pub scratch: &'a mut [u8],
+    /// Takes the message's bytes, in order, in pieces cut anywhere.
+    pub fold: &'a mut dyn FnMut(&[u8]),
+}
+
+impl std::fmt::Debug for Fold<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fold")
+            .field("peer", &self.peer)
+            .field("len", &self.scratch.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The transport a communicator picked: shared memory when all its ranks share a host (and
@@ -192,6 +244,14 @@ impl Transport for Auto {
         }
     }
 
+    fn host_of(&self, rank: usize) -> usize {
+        match self {
+            Self::Shm(t) => t.host_of(rank),
+            Self::Tcp(t) => t.host_of(rank),
+            Self::Mixed(t) => t.host_of(rank),
+        }
+    }
+
     fn exchange(
         &self,
         label: Label,
@@ -203,6 +263,20 @@ impl Transport for Auto {
             Self::Shm(t) => t.exchange(label, send, recv, deadline),
             Self::Tcp(t) => t.exchange(label, send, recv, deadline),
             Self::Mixed(t) => t.exchange(label, send, recv, deadline),
+        }
+    }
+
+    fn exchange_fold(
+        &self,
+        label: Label,
+        send: Option<(usize, &[u8])>,
+        recv: Option<Fold<'_>>,
+        deadline: Duration,
+    ) -> Result<(), TransportError> {
+        match self {
+            Self::Shm(t) => t.exchange_fold(label, send, recv, deadline),
+            Self::Tcp(t) => t.exchange_fold(label, send, recv, deadline),
+            Self::Mixed(t) => t.exchange_fold(label, send, recv, deadline),
         }
     }
 }

@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::label::{accept, frame_header, parse_frame_header, Stash, FRAME_HEADER};
-use super::{Label, Transport, TransportError};
+use super::{Fold, Label, Transport, TransportError};
 use crate::store::{StoreClient, StoreError};
 
 /// Bytes of each inbound ring (a power of two).
@@ -140,6 +140,22 @@ fn ring_write(map: &Mapping, ring: usize, pos: u64, bytes: &[u8]) {
     }
 }
 
+/// The `len` bytes of a ring at a position that may wrap, as one or two views.
+#[allow(unsafe_code)]
+fn ring_view(map: &Mapping, ring: usize, pos: u64, len: usize) -> [&[u8]; 2] {
+    let at = (pos as usize) & (RING - 1);
+    let first = len.min(RING - at);
+    // SAFETY: both ranges lie inside this ring's data area, filled and handed to the consumer
+    // alone until it moves the tail past them (after the views are dropped).
+    unsafe {
+        let base = map.base.as_ptr().add(ring + CONTROL);
+        [
+            std::slice::from_raw_parts(base.add(at), first),
+            std::slice::from_raw_parts(base, len - first),
+        ]
+    }
+}
+
 /// Copies from a ring at a position that may wrap into `bytes`.
 #[allow(unsafe_code)]
 fn ring_read(map: &Mapping, ring: usize, pos: u64, bytes: &mut [u8]) {
@@ -191,6 +207,8 @@ pub struct ShmTransport {
     segments: Vec<Mapping>,
     /// Frames read from a peer for tags not asked for yet.
     early: Vec<Mutex<Stash>>,
+    /// More ranks share this host's memory than there are cores for them.
+    oversubscribed: bool,
 }
 
 impl ShmTransport {
@@ -270,6 +288,7 @@ impl ShmTransport {
             members,
             segments,
             early: (0..size).map(|_| Mutex::new(Stash::default())).collect(),
+            oversubscribed: std::thread::available_parallelism().map_or(true, |c| size > c.get()),
         })
     }
 
@@ -351,10 +370,38 @@ enum Current {
     },
 }
 
+/// Where an awaited frame's payload goes.
+enum Target<'a> {
+    /// Into a buffer.
+    Buffer(&'a mut [u8]),
+    /// To a fold, straight from the ring.
+    Fold {
+        len: usize,
+        fold: &'a mut dyn FnMut(&[u8]),
+    },
+}
+
+impl Target<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Buffer(out) => out.len(),
+            Self::Fold { len, .. } => *len,
+        }
+    }
+
+    /// Takes a whole payload kept earlier.
+    fn take(&mut self, payload: &[u8]) {
+        match self {
+            Self::Buffer(out) => out.copy_from_slice(payload),
+            Self::Fold { fold, .. } => fold(payload),
+        }
+    }
+}
+
 /// Progress of the receive side.
 struct Receiving<'a> {
     peer: usize,
-    out: &'a mut [u8],
+    out: Target<'a>,
     current: Option<Current>,
     done: bool,
 }
@@ -415,7 +462,8 @@ impl ShmTransport {
                 let mut early = self.early[r.peer]
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if early.deliver(r.peer, label, r.out)? {
+                if let Some(payload) = early.take(r.peer, label, r.out.len())? {
+                    r.out.take(&payload);
                     r.done = true;
                     return Ok(true);
                 }
@@ -441,19 +489,39 @@ impl ShmTransport {
                 });
                 continue;
             }
-            let (target, copied): (&mut [u8], &mut usize) = match r.current.as_mut() {
-                Some(Current::Direct { copied }) => (&mut *r.out, copied),
-                Some(Current::Early { buf, copied, .. }) => (buf.as_mut_slice(), copied),
+            let (len, copied) = match r.current.as_mut() {
+                Some(Current::Direct { copied }) => (r.out.len(), copied),
+                Some(Current::Early { buf, copied, .. }) => (buf.len(), copied),
                 None => return Ok(moved),
             };
-            let n = available.min(target.len() - *copied);
+            let n = available.min(len - *copied);
             if n > 0 {
-                ring_read(map, ring, t, &mut target[*copied..*copied + n]);
-                *copied += n;
+                let at = *copied;
+                match (r.current.as_mut(), &mut r.out) {
+                    (Some(Current::Early { buf, .. }), _) => {
+                        ring_read(map, ring, t, &mut buf[at..at + n]);
+                    }
+                    (Some(Current::Direct { .. }), Target::Buffer(out)) => {
+                        ring_read(map, ring, t, &mut out[at..at + n]);
+                    }
+                    (Some(Current::Direct { .. }), Target::Fold { fold, .. }) => {
+                        for piece in ring_view(map, ring, t, n) {
+                            fold(piece);
+                        }
+                    }
+                    (None, _) => {}
+                }
                 tail.store(t + n as u64, Ordering::Release);
                 moved = true;
             }
-            if *copied < target.len() {
+            let copied = match r.current.as_mut() {
+                Some(Current::Direct { copied } | Current::Early { copied, .. }) => {
+                    *copied += n;
+                    *copied
+                }
+                None => 0,
+            };
+            if copied < len {
                 if moved {
                     ring_bell(self.segments[r.peer].bell());
                 }
@@ -487,12 +555,52 @@ impl Transport for ShmTransport {
         self.members.len()
     }
 
+    /// All on one host.
+    fn host_of(&self, _rank: usize) -> usize {
+        0
+    }
+
     /// Peers are job ranks; errors name job ranks too.
     fn exchange(
         &self,
         label: Label,
         send: Option<(usize, &[u8])>,
         recv: Option<(usize, &mut [u8])>,
+        deadline: Duration,
+    ) -> Result<(), TransportError> {
+        let recv = recv.map(|(peer, out)| (peer, Target::Buffer(out)));
+        self.exchange_job(label, send, recv, deadline)
+    }
+
+    /// Folds straight from the ring: `scratch` is not used.
+    fn exchange_fold(
+        &self,
+        label: Label,
+        send: Option<(usize, &[u8])>,
+        recv: Option<Fold<'_>>,
+        deadline: Duration,
+    ) -> Result<(), TransportError> {
+        let recv = recv.map(
+            |Fold {
+                 peer,
+                 scratch,
+                 fold,
+             }| {
+                let len = scratch.len();
+                (peer, Target::Fold { len, fold })
+            },
+        );
+        self.exchange_job(label, send, recv, deadline)
+    }
+}
+
+impl ShmTransport {
+    /// An exchange with peers named by job ranks; errors name job ranks too.
+    fn exchange_job(
+        &self,
+        label: Label,
+        send: Option<(usize, &[u8])>,
+        recv: Option<(usize, Target<'_>)>,
         deadline: Duration,
     ) -> Result<(), TransportError> {
         let local = |peer: usize| {
@@ -505,19 +613,17 @@ impl Transport for ShmTransport {
                 })
         };
         let send = send.map(|(p, b)| local(p).map(|l| (l, b))).transpose()?;
-        let recv = recv.map(|(p, b)| local(p).map(|l| (l, b))).transpose()?;
+        let recv = recv.map(|(p, t)| local(p).map(|l| (l, t))).transpose()?;
         self.exchange_local(label, send, recv, deadline)
             .map_err(|e| e.with_peer_map(&self.members))
     }
-}
 
-impl ShmTransport {
-    /// [`Transport::exchange`] with peers as indexes into `members`.
+    /// An exchange with peers as indexes into `members`.
     fn exchange_local(
         &self,
         label: Label,
         send: Option<(usize, &[u8])>,
-        recv: Option<(usize, &mut [u8])>,
+        recv: Option<(usize, Target<'_>)>,
         deadline: Duration,
     ) -> Result<(), TransportError> {
         let until = Instant::now() + deadline;
@@ -564,7 +670,12 @@ impl ShmTransport {
             }
             idle += 1;
             if idle < SPINS {
-                std::hint::spin_loop();
+                if self.oversubscribed {
+                    // More ranks than cores: the peer awaited may need this very core.
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
             } else {
                 // Sleep until a peer rings (the bell changed since `seen`), bounded.
                 futex_wait(bell, seen, left.min(Duration::from_millis(100)));

@@ -221,7 +221,6 @@ pub fn run_child(child: Child, limit: Duration) -> Output {
         }
     }
 }
-pub mod netns;
 
 /// The `ENV {json}` records envdump.py printed, by rank. torchrun's workers share its terminal
 /// unprefixed, so records can run into each other: each JSON value is read after its marker
