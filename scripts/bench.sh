@@ -14,3 +14,4 @@ target/release/ferrun-bench launcher --anchors "$anchors" --runs 7
 target/release/ferrun-bench store --rounds 50
 mkdir -p bench/out
 target/release/ferrun-bench compare all_reduce --anchors "$anchors" --plot bench/out/all_reduce_busbw.png
+target/release/ferrun-bench compare all_reduce --anchors "$anchors" --two-hosts --plot bench/out/all_reduce_two_hosts_busbw.png
