@@ -3,6 +3,9 @@
 //! - `collective-worker` (a binary): a worker built on `ferrun_collective`, launched by
 //!   `ferrun`, that joins the job's communicator through the agent store and checks every
 //!   collective against a plain reference.
+//! - `tests/operator_jobs.rs`: PyTorchJobs rendered by `ferrun-operator` and run in its local
+//!   mode, their containers running `ferrun` with torch: the operator's environment and the
+//!   launcher's contract must agree.
 //! - [`netns`]: two hosts on one machine (network namespaces), for multi-host tests and the
 //!   cross-host benchmark.
 //!
@@ -10,6 +13,8 @@
 //! `ferrun` binary.
 
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 pub mod netns;
 
@@ -26,4 +31,31 @@ pub fn ferrun_binary() -> PathBuf {
     let ferrun = dir.join("ferrun");
     assert!(ferrun.is_file(), "{} is missing: run the suite with `cargo test --workspace` (or build ferrun-launcher first)", ferrun.display());
     ferrun
+}
+
+/// The virtualenv with torch 2.13.0 that `scripts/setup-python.sh` installs (`FERRUN_VENV`,
+/// or its default place).
+///
+/// # Panics
+/// When torch 2.13.0 is not there, saying how to install it.
+pub fn venv() -> PathBuf {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let venv = std::env::var_os("FERRUN_VENV").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/ferrun/venv-torch-2.13.0")
+        });
+        let ok = Command::new(venv.join("bin/python"))
+            .args(["-c", "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "torch 2.13.0 is not installed in {}: run `scripts/test.sh` (it installs it), or set FERRUN_VENV",
+            venv.display()
+        );
+        venv
+    })
+    .clone()
 }

@@ -6,29 +6,11 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The virtualenv with torch 2.13.0 that `scripts/setup-python.sh` installs.
 pub fn venv() -> PathBuf {
-    static VENV: OnceLock<PathBuf> = OnceLock::new();
-    VENV.get_or_init(|| {
-        let venv = std::env::var_os("FERRUN_VENV").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/ferrun/venv-torch-2.13.0")
-        });
-        let ok = Command::new(venv.join("bin/python"))
-            .args(["-c", "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')"])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            ok,
-            "torch 2.13.0 is not installed in {}: run `scripts/test.sh` (it installs it), or set FERRUN_VENV",
-            venv.display()
-        );
-        venv
-    })
-    .clone()
+    ferrun_tests::venv()
 }
 
 /// PATH with the torch virtualenv first, so `python3` and `torchrun` are torch 2.13's.

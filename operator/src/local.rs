@@ -1,0 +1,466 @@
+//! A PyTorchJob run on this machine, no cluster: each replica's training container runs as a
+//! local process with the environment the operator renders, the pods' service names resolving
+//! to this machine (`127.0.0.1`), restart policies, `backoffLimit`, `activeDeadlineSeconds`
+//! and `cleanPodPolicy` applied by the same rules as in a cluster, and the job's status printed
+//! as it changes. Users try a job before they submit it; tests run real jobs.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Container;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::crd::{JobStatus, PyTorchJob};
+use crate::defaults::main_container;
+use crate::lifecycle::{self, after_exit, AfterExit, Phase, PodState, Verdict};
+use crate::render::{self, RenderOptions};
+
+/// Why a job could not be run locally.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// A replica's container cannot run as a local process.
+    #[error("{pod}: {why}")]
+    Container {
+        /// The pod.
+        pod: String,
+        /// What is missing, and what to do.
+        why: String,
+    },
+    /// A process could not be started.
+    #[error("{pod}: cannot start {program:?}: {source}")]
+    Spawn {
+        /// The pod.
+        pod: String,
+        /// The program.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Settings of a local run.
+#[derive(Debug, Clone, Default)]
+pub struct LocalOptions {
+    /// Gives up (the job fails) after this long, on top of `activeDeadlineSeconds`.
+    pub timeout: Option<Duration>,
+    /// How pods are rendered.
+    pub render: RenderOptions,
+}
+
+/// How a local run ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// The job's status at the end.
+    pub status: JobStatus,
+    /// Restarts and recreations, all replicas together.
+    pub restarts: i32,
+}
+
+/// One replica as a local process.
+struct Replica {
+    name: String,
+    state: PodState,
+    policy: String,
+    command: Command,
+    /// The running process (its own process group).
+    pid: Option<u32>,
+    /// Bumped per start, so that a late exit of an old process is not taken for the new one.
+    generation: u32,
+    restarts: i32,
+    exit_code: Option<i32>,
+}
+
+type Exit = (usize, u32, i32);
+
+/// Runs `job` (defaults applied, validated) to its end; progress and the pods' output go to
+/// standard output.
+///
+/// # Errors
+/// [`LocalError`] when a container cannot run as a local process.
+pub fn run(job: &PyTorchJob, options: &LocalOptions) -> Result<Outcome, LocalError> {
+    let started = Instant::now();
+    let mut replicas = Vec::new();
+    for (rtype, index) in render::replicas(job) {
+        let pod = render::pod(job, &rtype, index, &options.render);
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let spec = pod.spec.unwrap_or_default();
+        let container = main_container(&spec.containers)
+            .cloned()
+            .unwrap_or_default();
+        let policy = job
+            .replica(&rtype)
+            .and_then(|r| r.restart_policy.clone())
+            .unwrap_or_else(|| "OnFailure".into());
+        replicas.push(Replica {
+            command: command(job, &name, &container)?,
+            name,
+            state: PodState {
+                rtype,
+                index,
+                phase: Phase::Pending,
+            },
+            policy,
+            pid: None,
+            generation: 0,
+            restarts: 0,
+            exit_code: None,
+        });
+    }
+    let (exits, exited) = mpsc::channel::<Exit>();
+    let mut status = JobStatus {
+        start_time: Some(now()),
+        ..JobStatus::default()
+    };
+    let mut shown = String::new();
+    lifecycle::set_condition(
+        &mut status,
+        "Created",
+        "PyTorchJobCreated",
+        &format!("PyTorchJob {} is created.", job.job_name()),
+        &now(),
+    );
+    for (i, replica) in replicas.iter_mut().enumerate() {
+        start(replica, i, &exits)?;
+    }
+    let mut restarts = 0;
+    let deadline = options.timeout.map(|t| started + t);
+    let verdict = loop {
+        let states: Vec<PodState> = replicas.iter().map(|r| r.state.clone()).collect();
+        let age = started.elapsed().as_secs() as i64;
+        let mut verdict = lifecycle::judge(job, &states, restarts, age);
+        if verdict == Verdict::Running && deadline.is_some_and(|d| Instant::now() >= d) {
+            let limit = options.timeout.unwrap_or_default();
+            verdict = Verdict::Failed(
+                "Timeout",
+                format!("local mode's --timeout {limit:?} passed"),
+            );
+        }
+        if verdict == Verdict::Running && states.iter().any(|p| p.phase == Phase::Running) {
+            let message = format!("PyTorchJob {} is running.", job.job_name());
+            lifecycle::set_condition(
+                &mut status,
+                "Running",
+                "PyTorchJobRunning",
+                &message,
+                &now(),
+            );
+        }
+        status.replica_statuses = lifecycle::replica_statuses(job, &states);
+        show(job, &status, &mut shown);
+        if verdict != Verdict::Running {
+            break verdict;
+        }
+        let wait = next_wait(job, started, deadline);
+        let Ok((i, generation, code)) = exited.recv_timeout(wait) else {
+            continue;
+        };
+        let replica = &mut replicas[i];
+        if generation != replica.generation {
+            continue;
+        }
+        replica.pid = None;
+        replica.exit_code = Some(code);
+        match after_exit(&replica.policy, code) {
+            AfterExit::Done => replica.state.phase = Phase::Succeeded,
+            AfterExit::FailJob => replica.state.phase = Phase::Failed,
+            again @ (AfterExit::RestartInPlace | AfterExit::Recreate) => {
+                restarts += 1;
+                replica.restarts += 1;
+                let how = if again == AfterExit::Recreate {
+                    "recreated"
+                } else {
+                    "restarted"
+                };
+                let message = format!(
+                    "{} exited with code {code} and is {how} ({} restarts so far).",
+                    replica.name, restarts
+                );
+                lifecycle::set_condition(
+                    &mut status,
+                    "Restarting",
+                    "PyTorchJobRestarting",
+                    &message,
+                    &now(),
+                );
+                show(job, &status, &mut shown);
+                let states: Vec<PodState> = replicas.iter().map(|r| r.state.clone()).collect();
+                if let Verdict::Failed(..) =
+                    lifecycle::judge(job, &states, restarts, started.elapsed().as_secs() as i64)
+                {
+                    continue;
+                }
+                start(&mut replicas[i], i, &exits)?;
+            }
+        }
+    };
+    finish(job, &mut replicas, &mut status, &verdict, &exited);
+    show(job, &status, &mut shown);
+    summary(&replicas);
+    Ok(Outcome {
+        verdict,
+        status,
+        restarts,
+    })
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// Until the next thing that happens by time alone: the job's deadline or local mode's timeout.
+fn next_wait(job: &PyTorchJob, started: Instant, timeout: Option<Instant>) -> Duration {
+    let active = job
+        .spec
+        .run_policy
+        .as_ref()
+        .and_then(|r| r.active_deadline_seconds)
+        .map(|s| started + Duration::from_secs(s.max(0) as u64));
+    [active, timeout]
+        .into_iter()
+        .flatten()
+        .min()
+        .map_or(Duration::from_secs(3600), |t| {
+            t.saturating_duration_since(Instant::now()) + Duration::from_millis(1)
+        })
+}
+
+/// The process a replica's training container runs: its command and args, its environment
+/// with the pods' service names pointing at this machine.
+fn command(job: &PyTorchJob, pod: &str, container: &Container) -> Result<Command, LocalError> {
+    let fail = |why: String| LocalError::Container {
+        pod: pod.into(),
+        why,
+    };
+    let mut argv = container.command.clone().unwrap_or_default();
+    if argv.is_empty() {
+        return Err(fail(format!("container {:?} has no command: local mode runs the container's command, not its image's entrypoint; give `command:`", container.name)));
+    }
+    argv.extend(container.args.clone().unwrap_or_default());
+    let services: Vec<String> = render::replicas(job)
+        .into_iter()
+        .map(|(rtype, i)| render::pod_name(job.job_name(), &rtype, i))
+        .collect();
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    for var in container.env.clone().unwrap_or_default() {
+        let Some(mut value) = var.value else {
+            return Err(fail(format!("variable {} comes from valueFrom, which local mode cannot resolve: give it a value", var.name)));
+        };
+        // Longest names first, so that `job-worker-1` does not eat into `job-worker-10`.
+        let mut names = services.clone();
+        names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        for name in &names {
+            value = replace_host(&value, name);
+        }
+        cmd.env(var.name, value);
+    }
+    if let Some(dir) = &container.working_dir {
+        cmd.current_dir(dir);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    Ok(cmd)
+}
+
+/// `value` with the host `name` (a whole host name, not part of a longer one) as 127.0.0.1.
+fn replace_host(value: &str, name: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(at) = rest.find(name) {
+        let after = &rest[at + name.len()..];
+        let whole = !after.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-')
+            && !rest[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '-');
+        out.push_str(&rest[..at]);
+        out.push_str(if whole { "127.0.0.1" } else { name });
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Starts (or restarts) replica `i`; its exit arrives on `exits`.
+fn start(replica: &mut Replica, i: usize, exits: &mpsc::Sender<Exit>) -> Result<(), LocalError> {
+    let mut child = replica
+        .command
+        .spawn()
+        .map_err(|source| LocalError::Spawn {
+            pod: replica.name.clone(),
+            program: replica.command.get_program().to_string_lossy().into_owned(),
+            source,
+        })?;
+    replica.generation += 1;
+    replica.state.phase = Phase::Running;
+    let prefix = format!("[{}]", replica.name);
+    let streams: Vec<Box<dyn Read + Send>> = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let mut readers = Vec::new();
+    for stream in streams {
+        let prefix = prefix.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{prefix}: {line}");
+            }
+        }));
+    }
+    let (generation, exits) = (replica.generation, exits.clone());
+    replica.pid = Some(child.id());
+    std::thread::spawn(move || {
+        let code = match child.wait() {
+            Ok(s) => s.code().or(s.signal().map(|n| 128 + n)).unwrap_or(1),
+            Err(_) => 1,
+        };
+        // The output first, so that it precedes the status it leads to.
+        for r in readers {
+            let _ = r.join();
+        }
+        let _ = exits.send((i, generation, code));
+    });
+    Ok(())
+}
+
+/// Ends the job: its condition, then `cleanPodPolicy` (on every terminal path, #3419), then
+/// the pods a cluster would have kept running, which a local run cannot leave behind.
+fn finish(
+    job: &PyTorchJob,
+    replicas: &mut [Replica],
+    status: &mut JobStatus,
+    verdict: &Verdict,
+    exited: &mpsc::Receiver<Exit>,
+) {
+    let name = job.job_name();
+    match verdict {
+        Verdict::Succeeded => {
+            let message = format!("PyTorchJob {name} is successfully completed.");
+            lifecycle::set_condition(status, "Succeeded", "PyTorchJobSucceeded", &message, &now());
+        }
+        Verdict::Failed(reason, message) => {
+            lifecycle::set_condition(status, "Failed", reason, message, &now());
+        }
+        Verdict::Running => {}
+    }
+    status.completion_time = Some(now());
+    // Pods that are ending on their own (workers after their master) get a moment to do so,
+    // so that their own exit is what the summary shows.
+    let until = Instant::now() + FINISHING;
+    while replicas.iter().any(|r| r.pid.is_some()) {
+        let left = until.saturating_duration_since(Instant::now());
+        let Ok((i, generation, code)) = exited.recv_timeout(left) else {
+            break;
+        };
+        let r = &mut replicas[i];
+        if generation == r.generation {
+            r.pid = None;
+            r.exit_code = Some(code);
+            r.state.phase = if code == 0 {
+                Phase::Succeeded
+            } else {
+                Phase::Failed
+            };
+        }
+    }
+    let policy = job
+        .spec
+        .run_policy
+        .as_ref()
+        .and_then(|r| r.clean_pod_policy.clone())
+        .unwrap_or_else(|| "None".into());
+    let running: Vec<&mut Replica> = replicas.iter_mut().filter(|r| r.pid.is_some()).collect();
+    if running.is_empty() {
+        return;
+    }
+    let names: Vec<&str> = running.iter().map(|r| r.name.as_str()).collect();
+    if policy == "None" {
+        println!("[ferrun-operator] cleanPodPolicy None would leave {} running in a cluster; a local run stops them", names.join(", "));
+    } else {
+        println!(
+            "[ferrun-operator] cleanPodPolicy {policy}: stopping {}",
+            names.join(", ")
+        );
+    }
+    for r in running {
+        if let Some(pid) = r.pid.take() {
+            stop(pid);
+            r.state.phase = Phase::Deleted;
+        }
+    }
+}
+
+/// How long pods may take to end on their own once the job has ended.
+const FINISHING: Duration = Duration::from_secs(3);
+
+/// Stops a pod's process group: SIGTERM, then SIGKILL after a short grace.
+fn stop(pid: u32) {
+    let group = Pid::from_raw(pid as i32);
+    let _ = killpg(group, Signal::SIGTERM);
+    let until = Instant::now() + Duration::from_secs(5);
+    // The group is gone once signal 0 finds no process in it.
+    while killpg(group, None).is_ok() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = killpg(group, Signal::SIGKILL);
+}
+
+/// Prints the job's state and replica counts when they changed.
+fn show(job: &PyTorchJob, status: &JobStatus, shown: &mut String) {
+    let counts: Vec<String> = status
+        .replica_statuses
+        .iter()
+        .map(|(rtype, s)| {
+            format!(
+                "{rtype} {} active, {} succeeded, {} failed",
+                s.active, s.succeeded, s.failed
+            )
+        })
+        .collect();
+    let condition = status.conditions.last();
+    let line = format!(
+        "job {}: {} ({}){}",
+        job.job_name(),
+        lifecycle::state(status),
+        counts.join("; "),
+        condition
+            .and_then(|c| c.message.as_deref())
+            .filter(|m| !m.is_empty())
+            .map(|m| format!(" — {m}"))
+            .unwrap_or_default()
+    );
+    if *shown != line {
+        println!("[ferrun-operator] {line}");
+        *shown = line;
+    }
+}
+
+/// The table at the end: each pod's phase, last exit code and restarts.
+fn summary(replicas: &[Replica]) {
+    println!(
+        "{:<40} {:<10} {:>5} {:>8}",
+        "pod", "phase", "exit", "restarts"
+    );
+    for r in replicas {
+        let exit = r.exit_code.map_or("-".into(), |c| c.to_string());
+        let phase = format!("{:?}", r.state.phase);
+        println!("{:<40} {:<10} {:>5} {:>8}", r.name, phase, exit, r.restarts);
+    }
+    let _ = std::io::stdout().flush();
+}

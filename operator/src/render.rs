@@ -1,0 +1,320 @@
+//! What a job becomes, as pure functions of the job (defaults applied): pods
+//! `<job>-master-0` / `<job>-worker-<i>`, one headless service per pod, and the environment
+//! of training-operator 1.9 — names, labels, owner references and variables alike, so that
+//! existing torchrun command lines keep working.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, Pod, PodSpec, ResourceRequirements, Service, ServicePort, ServiceSpec,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+use crate::crd::{PyTorchJob, MASTER, WORKER};
+use crate::defaults::{job_port, main_container};
+
+/// Label: which operator made the object.
+pub const OPERATOR_NAME: &str = "training.kubeflow.org/operator-name";
+/// Label: the job.
+pub const JOB_NAME: &str = "training.kubeflow.org/job-name";
+/// Label: `master` or `worker`.
+pub const REPLICA_TYPE: &str = "training.kubeflow.org/replica-type";
+/// Label: the replica's index.
+pub const REPLICA_INDEX: &str = "training.kubeflow.org/replica-index";
+/// Label: on the pod that hosts rank 0.
+pub const JOB_ROLE: &str = "training.kubeflow.org/job-role";
+/// The operator-name label's value (the training-operator's, so that its tooling finds ours).
+pub const CONTROLLER_NAME: &str = "pytorchjob-controller";
+
+/// How workers wait for the master before they start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum MasterWait {
+    /// No init container where the training container runs `ferrun`, whose agents wait for
+    /// the master's store themselves (bounded by its join timeout, and on the port, not only
+    /// the name); the training-operator's `nslookup` init container otherwise.
+    #[default]
+    Auto,
+    /// Always the training-operator's `nslookup` init container.
+    Nslookup,
+    /// No init container.
+    None,
+}
+
+/// Rendering settings (the operator's flags).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderOptions {
+    /// How workers wait for the master.
+    pub master_wait: MasterWait,
+    /// Image of the `nslookup` init container.
+    pub init_image: String,
+    /// Its tries, two seconds apart.
+    pub init_max_tries: u32,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        Self {
+            master_wait: MasterWait::Auto,
+            init_image: "alpine:3.10".into(),
+            init_max_tries: 100,
+        }
+    }
+}
+
+/// `<job>-<type>-<index>`: the pod's and its service's name.
+pub fn pod_name(job: &str, rtype: &str, index: i32) -> String {
+    format!("{job}-{}-{index}", rtype.to_ascii_lowercase()).replace('/', "-")
+}
+
+/// The labels that select a replica's pod (and its service's selector).
+pub fn selector(job: &str, rtype: &str, index: i32) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (OPERATOR_NAME.to_owned(), CONTROLLER_NAME.to_owned()),
+        (JOB_NAME.to_owned(), job.replace('/', "-")),
+        (REPLICA_TYPE.to_owned(), rtype.to_ascii_lowercase()),
+        (REPLICA_INDEX.to_owned(), index.to_string()),
+    ])
+}
+
+/// Whether the replica hosts rank 0: the master, or worker 0 when there is none.
+pub fn is_master_role(job: &PyTorchJob, rtype: &str, index: i32) -> bool {
+    rtype == MASTER || (job.replica(MASTER).is_none() && rtype == WORKER && index == 0)
+}
+
+/// Pods of all replica types.
+pub fn total_replicas(job: &PyTorchJob) -> i32 {
+    job.spec
+        .pytorch_replica_specs
+        .values()
+        .map(|r| r.count())
+        .sum()
+}
+
+fn var(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+/// The variables the operator appends to every container of a replica's pod, in the
+/// training-operator's order.
+pub fn environment(job: &PyTorchJob, rtype: &str, index: i32) -> Vec<EnvVar> {
+    let name = job.job_name();
+    let spec = &job.spec;
+    let mut env = vec![var("PYTHONUNBUFFERED", "1")];
+    if job.replica(MASTER).is_some() {
+        let port = job_port(job, MASTER).to_string();
+        let addr = pod_name(name, MASTER, 0);
+        env.push(var("MASTER_PORT", &port));
+        env.push(var("PET_MASTER_PORT", port));
+        env.push(var("MASTER_ADDR", &addr));
+        env.push(var("PET_MASTER_ADDR", addr));
+        // A number of processes per pod, or 1 for auto/cpu/gpu (the operator cannot know).
+        let nproc = spec
+            .nproc_per_node
+            .as_deref()
+            .and_then(|n| n.parse::<i32>().ok())
+            .unwrap_or(1);
+        let rank = if rtype == WORKER { index + 1 } else { index };
+        env.push(var("WORLD_SIZE", (total_replicas(job) * nproc).to_string()));
+        env.push(var("RANK", rank.to_string()));
+        env.push(var("PET_NODE_RANK", rank.to_string()));
+    }
+    if let Some(nproc) = &spec.nproc_per_node {
+        env.push(var("PET_NPROC_PER_NODE", nproc));
+    }
+    let Some(elastic) = &spec.elastic_policy else {
+        env.push(var("PET_NNODES", total_replicas(job).to_string()));
+        return env;
+    };
+    let host = elastic
+        .rdzv_host
+        .clone()
+        .unwrap_or_else(|| pod_name(name, WORKER, 0));
+    let port = elastic.rdzv_port.unwrap_or_else(|| job_port(job, WORKER));
+    env.push(var("PET_RDZV_ENDPOINT", format!("{host}:{port}")));
+    env.push(var(
+        "PET_RDZV_BACKEND",
+        elastic.rdzv_backend.as_deref().unwrap_or("c10d"),
+    ));
+    let (min, max) = (
+        elastic.min_replicas.unwrap_or(1),
+        elastic.max_replicas.unwrap_or(1),
+    );
+    env.push(var("PET_NNODES", format!("{min}:{max}")));
+    if let Some(restarts) = elastic.max_restarts {
+        env.push(var("PET_MAX_RESTARTS", restarts.to_string()));
+    }
+    if let Some(nproc) = elastic.n_proc_per_node {
+        env.push(var("PET_NPROC_PER_NODE", nproc.to_string()));
+    }
+    if let Some(id) = &elastic.rdzv_id {
+        env.push(var("PET_RDZV_ID", id));
+    }
+    if let Some(conf) = elastic.rdzv_conf.as_ref().filter(|c| !c.is_empty()) {
+        let pairs: Vec<String> = conf
+            .iter()
+            .map(|c| format!("{}={}", c.key, c.value))
+            .collect();
+        env.push(var("PET_RDZV_CONF", pairs.join(",")));
+    }
+    if elastic.standalone == Some(true) {
+        // The training-operator writes "", which torchrun's int() parsing rejects.
+        env.push(var("PET_STANDALONE", "1"));
+    }
+    env
+}
+
+/// The owner reference that ties a child to its job (garbage collection, the controller).
+pub fn owner_reference(job: &PyTorchJob) -> OwnerReference {
+    OwnerReference {
+        api_version: "kubeflow.org/v1".into(),
+        kind: "PyTorchJob".into(),
+        name: job.job_name().into(),
+        uid: job.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// The kubelet's restart policy for a replica's restart policy (`ExitCode` → `Never`: the
+/// operator decides on recreation from the exit code).
+pub fn pod_restart_policy(policy: &str) -> &'static str {
+    match policy {
+        "Always" => "Always",
+        "OnFailure" => "OnFailure",
+        _ => "Never",
+    }
+}
+
+/// Whether a container's command starts `ferrun`.
+pub fn runs_ferrun(container: &Container) -> bool {
+    let first = container
+        .command
+        .as_ref()
+        .and_then(|c| c.first())
+        .or_else(|| container.args.as_ref().and_then(|a| a.first()));
+    first.is_some_and(|c| c.rsplit('/').next() == Some("ferrun"))
+}
+
+/// The pod of replica `index` of `rtype`.
+pub fn pod(job: &PyTorchJob, rtype: &str, index: i32, options: &RenderOptions) -> Pod {
+    let name = job.job_name();
+    let replica = job.replica(rtype).cloned().unwrap_or_default();
+    let template = replica.template;
+    let mut meta = template.metadata.unwrap_or_default();
+    let mut labels = meta.labels.take().unwrap_or_default();
+    labels.extend(selector(name, rtype, index));
+    if is_master_role(job, rtype, index) {
+        labels.insert(JOB_ROLE.into(), "master".into());
+    }
+    let mut spec: PodSpec = template.spec.unwrap_or_default();
+    let policy = replica.restart_policy.as_deref().unwrap_or("OnFailure");
+    spec.restart_policy = Some(pod_restart_policy(policy).into());
+    let env = environment(job, rtype, index);
+    for container in &mut spec.containers {
+        container
+            .env
+            .get_or_insert_with(Vec::new)
+            .extend(env.iter().cloned());
+    }
+    let ferrun = main_container(&spec.containers).is_some_and(runs_ferrun);
+    let wait = match options.master_wait {
+        MasterWait::Auto => !ferrun,
+        MasterWait::Nslookup => true,
+        MasterWait::None => false,
+    };
+    if rtype == WORKER && job.replica(MASTER).is_some() && wait {
+        spec.init_containers
+            .get_or_insert_with(Vec::new)
+            .push(init_container(name, options));
+    }
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(pod_name(name, rtype, index)),
+            namespace: job.metadata.namespace.clone(),
+            labels: Some(labels),
+            annotations: meta.annotations,
+            finalizers: meta.finalizers,
+            owner_references: Some(vec![owner_reference(job)]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+/// The training-operator's init container: waits until the master's name resolves.
+fn init_container(job: &str, options: &RenderOptions) -> Container {
+    let master = pod_name(job, MASTER, 0);
+    let script = format!(
+        "err=1;for i in $(seq {});do if nslookup {master};then err=0&&break;fi;echo waiting for master;sleep 2;done;exit $err",
+        options.init_max_tries
+    );
+    let amounts = |cpu: &str, memory: &str| {
+        BTreeMap::from([
+            ("cpu".to_owned(), Quantity(cpu.into())),
+            ("memory".to_owned(), Quantity(memory.into())),
+        ])
+    };
+    Container {
+        name: "init-pytorch".into(),
+        image: Some(options.init_image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        command: Some(vec!["sh".into(), "-c".into(), script]),
+        resources: Some(ResourceRequirements {
+            limits: Some(amounts("100m", "20Mi")),
+            requests: Some(amounts("50m", "10Mi")),
+            ..ResourceRequirements::default()
+        }),
+        ..Container::default()
+    }
+}
+
+/// The headless service of replica `index` of `rtype`: the pod's name in DNS.
+pub fn service(job: &PyTorchJob, rtype: &str, index: i32) -> Service {
+    let name = job.job_name();
+    let ports = job
+        .replica(rtype)
+        .and_then(|r| r.template.spec.as_ref())
+        .and_then(|pod| main_container(&pod.containers))
+        .and_then(|c| c.ports.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| ServicePort {
+            name: p.name,
+            port: p.container_port,
+            ..ServicePort::default()
+        })
+        .collect();
+    Service {
+        metadata: ObjectMeta {
+            name: Some(pod_name(name, rtype, index)),
+            namespace: job.metadata.namespace.clone(),
+            labels: Some(selector(name, rtype, index)),
+            owner_references: Some(vec![owner_reference(job)]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(selector(name, rtype, index)),
+            ports: Some(ports),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Every `(replica type, index)` the job should have, masters first.
+pub fn replicas(job: &PyTorchJob) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for rtype in [MASTER, WORKER] {
+        if let Some(r) = job.replica(rtype) {
+            out.extend((0..r.count()).map(|i| (rtype.to_owned(), i)));
+        }
+    }
+    out
+}
