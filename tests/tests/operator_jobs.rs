@@ -56,6 +56,16 @@ spec:
     )
 }
 
+/// Runs a job in local mode, bounded.
+fn run(yaml: &str) -> local::Outcome {
+    let job = load_job(yaml).expect("job");
+    let options = LocalOptions {
+        timeout: Some(std::time::Duration::from_secs(50)),
+        ..LocalOptions::default()
+    };
+    local::run(&job, &options).expect("local run")
+}
+
 fn results(dir: &Path) -> Vec<String> {
     let mut lines: Vec<String> = std::fs::read_dir(dir)
         .expect("results")
@@ -72,13 +82,13 @@ fn results(dir: &Path) -> Vec<String> {
 #[test]
 fn master_and_two_workers_train_together_with_the_ranks_the_job_means() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let yaml = job_yaml(29611, 2, 2, dir.path(), "exec @ferrun@ $FERRUN_SCRIPT");
-    let job = load_job(&yaml).expect("job");
-    let options = LocalOptions {
-        timeout: Some(std::time::Duration::from_secs(50)),
-        ..LocalOptions::default()
-    };
-    let outcome = local::run(&job, &options).expect("local run");
+    let outcome = run(&job_yaml(
+        29611,
+        2,
+        2,
+        dir.path(),
+        "exec @ferrun@ $FERRUN_SCRIPT",
+    ));
     assert_eq!(outcome.verdict, Verdict::Succeeded);
     assert_eq!(outcome.restarts, 0);
     // 3 pods × 2 processes; pod i (master 0, worker j → j + 1) holds ranks 2i and 2i + 1.
@@ -100,13 +110,7 @@ fn a_worker_failing_under_on_failure_is_restarted_and_the_job_succeeds() {
         "if [ $PET_NODE_RANK = 1 ] && [ ! -f {mark} ]; then touch {mark}; exit 7; fi; exec @ferrun@ $FERRUN_SCRIPT",
         mark = mark.display()
     );
-    let yaml = job_yaml(29612, 2, 1, &results_dir, &command);
-    let job = load_job(&yaml).expect("job");
-    let options = LocalOptions {
-        timeout: Some(std::time::Duration::from_secs(50)),
-        ..LocalOptions::default()
-    };
-    let outcome = local::run(&job, &options).expect("local run");
+    let outcome = run(&job_yaml(29612, 2, 1, &results_dir, &command));
     assert_eq!(outcome.verdict, Verdict::Succeeded);
     assert_eq!(outcome.restarts, 1, "worker 0 restarted once");
     assert!(outcome
