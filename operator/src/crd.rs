@@ -190,6 +190,10 @@ pub struct JobStatus {
     /// The last reconcile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reconcile_time: Option<Time>,
+    /// Pods deleted and created anew after a failure (ferrun's addition: with the containers'
+    /// restart counts, what `backoffLimit` counts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_recreations: Option<i32>,
 }
 
 /// One condition: `Created`, `Running`, `Restarting`, `Succeeded`, `Failed` or `Suspended`.

@@ -12,6 +12,7 @@
 //! It stands alone: it shares the worker environment contract with the launcher through a
 //! cross-crate test in `tests/`, not by importing the launcher.
 
+pub mod controller;
 pub mod crd;
 pub mod defaults;
 pub mod lifecycle;

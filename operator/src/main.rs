@@ -4,12 +4,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use ferrun_operator::controller::lease::LeaseLock;
+use ferrun_operator::controller::plan::PlanOptions;
+use ferrun_operator::controller::{self, http, Context, Metrics};
 use ferrun_operator::crd::PyTorchJob;
 use ferrun_operator::lifecycle::Verdict;
 use ferrun_operator::local::{self, LocalOptions};
 use ferrun_operator::render::{self, MasterWait, RenderOptions};
+use k8s_openapi::jiff::Timestamp;
 use kube::CustomResourceExt;
 
 #[derive(Debug, Parser)]
@@ -34,6 +41,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = MasterWait::Auto)]
         master_wait: MasterWait,
     },
+    /// Runs the controller in a cluster (in-cluster service account, or ~/.kube/config).
+    Run(RunOptions),
     /// Runs a job on this machine, each replica as a local process; exits 0 when it succeeds,
     /// 1 when it fails.
     Local {
@@ -43,6 +52,41 @@ enum Command {
         #[arg(long)]
         timeout: Option<u64>,
     },
+}
+
+/// Flags of `ferrun-operator run` (the training-operator's where it has them).
+#[derive(Debug, clap::Args)]
+struct RunOptions {
+    /// Watch only this namespace (default: all).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Reconciles at once (the training-operator's --controller-threads, whose default is 1).
+    #[arg(long, default_value_t = 4)]
+    controller_threads: u16,
+    /// Take a Lease before reconciling, so that only one of several replicas works.
+    #[arg(long)]
+    leader_elect: bool,
+    /// The Lease's name.
+    #[arg(long, default_value = "ferrun-operator")]
+    lease_name: String,
+    /// The Lease's namespace (default: $POD_NAMESPACE, else `default`).
+    #[arg(long)]
+    lease_namespace: Option<String>,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    /// Seconds a pod may stay terminating before it is force-deleted (its node is likely gone).
+    #[arg(long, default_value_t = 300)]
+    terminating_grace: u64,
+    /// How workers wait for the master.
+    #[arg(long, value_enum, default_value_t = MasterWait::Auto)]
+    master_wait: MasterWait,
+    /// Image of the nslookup init container (--master-wait nslookup, or torchrun containers).
+    #[arg(long, default_value = "alpine:3.10")]
+    pytorch_init_container_image: String,
+    /// Its tries, two seconds apart.
+    #[arg(long, default_value_t = 100)]
+    pytorch_init_container_max_tries: u32,
 }
 
 fn read_job(path: &PathBuf) -> anyhow::Result<PyTorchJob> {
@@ -80,6 +124,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        Command::Run(options) => {
+            tokio::runtime::Runtime::new()?.block_on(serve(options))?;
+        }
         Command::Local { job, timeout } => {
             let job = read_job(&job)?;
             let options = LocalOptions {
@@ -94,4 +141,72 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The controller, with its endpoints and, if asked, leader election.
+async fn serve(o: RunOptions) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let client = kube::Client::try_default().await.context(
+        "no Kubernetes configuration (an in-cluster service account, or ~/.kube/config)",
+    )?;
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(!o.leader_elect));
+    let listener = tokio::net::TcpListener::bind(o.metrics_addr)
+        .await
+        .with_context(|| format!("serve metrics on {}", o.metrics_addr))?;
+    tokio::spawn(http::serve(
+        listener,
+        Arc::clone(&metrics),
+        Arc::clone(&ready),
+    ));
+    let identity = std::env::var("POD_NAME")
+        .ok()
+        .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok())
+        .unwrap_or_else(|| "ferrun-operator".into());
+    if o.leader_elect {
+        let namespace = o
+            .lease_namespace
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        let lock = LeaseLock::new(
+            kube::Api::namespaced(client.clone(), &namespace),
+            &o.lease_name,
+            &identity,
+            Duration::from_secs(15),
+        );
+        tracing::info!(
+            "waiting for lease {namespace}/{} as {identity}",
+            o.lease_name
+        );
+        while !lock.try_acquire(Timestamp::now()).await? {
+            tokio::time::sleep(lock.renew_every()).await;
+        }
+        tracing::info!("leading as {identity}");
+        ready.store(true, Ordering::Relaxed);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lock.renew_every()).await;
+                if !lock.try_acquire(Timestamp::now()).await.unwrap_or(false) {
+                    // Another replica may lead now: stop at once rather than reconcile beside it.
+                    tracing::error!("lost lease {}; exiting", o.lease_name);
+                    std::process::exit(1);
+                }
+            }
+        });
+    }
+    let options = PlanOptions {
+        render: RenderOptions {
+            master_wait: o.master_wait,
+            init_image: o.pytorch_init_container_image,
+            init_max_tries: o.pytorch_init_container_max_tries,
+        },
+        terminating_grace: Duration::from_secs(o.terminating_grace),
+    };
+    let ctx = Arc::new(Context::new(client, options, Some(identity), metrics));
+    controller::run(ctx, o.namespace.as_deref(), o.controller_threads).await
 }

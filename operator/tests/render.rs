@@ -400,3 +400,15 @@ fn the_crd_has_the_scale_subresource_and_the_state_column() {
     assert_eq!(columns[0]["name"], "State");
     assert_eq!(columns[0]["jsonPath"], ".status.conditions[-1:].type");
 }
+
+#[test]
+fn the_shipped_crd_is_the_generated_one() {
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crd.yaml"))
+            .expect("deploy/crd.yaml");
+    let generated = serde_yaml::to_string(&PyTorchJob::crd()).expect("yaml");
+    assert!(
+        shipped == generated,
+        "deploy/crd.yaml is stale: regenerate it with `cargo run -p ferrun-operator -- crd > deploy/crd.yaml`"
+    );
+}
