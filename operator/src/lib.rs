@@ -5,7 +5,9 @@
 //! - [`crd`]: the PyTorchJob resource, field for field.
 //! - [`defaults`], [`validate`]: the training-operator's defaults, its webhook's checks and
 //!   those it misses.
-//! - [`render`]: pods, services and environment as pure functions of a job.
+//! - [`render`]: pods, services and environment as pure functions of a job; [`scheduling`]:
+//!   its PodGroup (gang scheduling) and HorizontalPodAutoscaler.
+//! - [`controller`]: the in-cluster controller (planner, API calls, leader election, metrics).
 //! - [`lifecycle`]: conditions, replica counts, success and failure rules, restarts.
 //! - [`local`]: a job run on this machine as local processes, no cluster needed.
 //!
@@ -18,6 +20,7 @@ pub mod defaults;
 pub mod lifecycle;
 pub mod local;
 pub mod render;
+pub mod scheduling;
 pub mod validate;
 
 /// Reads a PyTorchJob from YAML (or JSON), applies the defaults and validates it.

@@ -75,6 +75,10 @@ struct RunOptions {
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_addr: std::net::SocketAddr,
+    /// Gang scheduling: `volcano`, or the name of a scheduler-plugins (coscheduling) scheduler;
+    /// empty for none.
+    #[arg(long, default_value = "")]
+    gang_scheduler_name: String,
     /// Seconds a pod may stay terminating before it is force-deleted (its node is likely gone).
     #[arg(long, default_value_t = 300)]
     terminating_grace: u64,
@@ -201,6 +205,7 @@ async fn serve(o: RunOptions) -> anyhow::Result<()> {
     }
     let options = PlanOptions {
         render: RenderOptions {
+            gang: ferrun_operator::scheduling::Gang::from_flag(&o.gang_scheduler_name),
             master_wait: o.master_wait,
             init_image: o.pytorch_init_container_image,
             init_max_tries: o.pytorch_init_container_max_tries,

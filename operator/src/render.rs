@@ -44,6 +44,8 @@ pub enum MasterWait {
 /// Rendering settings (the operator's flags).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderOptions {
+    /// Gang scheduling of every job's pods, if any.
+    pub gang: Option<crate::scheduling::Gang>,
     /// How workers wait for the master.
     pub master_wait: MasterWait,
     /// Image of the `nslookup` init container.
@@ -55,6 +57,7 @@ pub struct RenderOptions {
 impl Default for RenderOptions {
     fn default() -> Self {
         Self {
+            gang: None,
             master_wait: MasterWait::Auto,
             init_image: "alpine:3.10".into(),
             init_max_tries: 100,
@@ -232,7 +235,7 @@ pub fn pod(job: &PyTorchJob, rtype: &str, index: i32, options: &RenderOptions) -
             .get_or_insert_with(Vec::new)
             .push(init_container(name, options));
     }
-    Pod {
+    let mut pod = Pod {
         metadata: ObjectMeta {
             name: Some(pod_name(name, rtype, index)),
             namespace: job.metadata.namespace.clone(),
@@ -244,7 +247,11 @@ pub fn pod(job: &PyTorchJob, rtype: &str, index: i32, options: &RenderOptions) -
         },
         spec: Some(spec),
         status: None,
+    };
+    if let Some(gang) = &options.gang {
+        gang.decorate(name, rtype, &mut pod);
     }
+    pod
 }
 
 /// The training-operator's init container: waits until the master's name resolves.

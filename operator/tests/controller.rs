@@ -277,3 +277,163 @@ async fn an_invalid_job_is_failed_with_the_reason_and_gets_no_pods() {
         .unwrap_or_default()
         .contains("exactly one Master"));
 }
+
+#[tokio::test]
+async fn a_suspended_job_loses_its_pods_and_says_so() {
+    let status = json!({"startTime": "2020-01-01T00:00:00Z", "conditions": [
+        {"type": "Created", "status": "True", "reason": "PyTorchJobCreated"},
+        {"type": "Running", "status": "True", "reason": "PyTorchJobRunning"}]});
+    let pods = vec![running_pod("master"), running_pod("worker")];
+    let (_, seen) = reconcile_with(job(json!({"suspend": true}), status), pods).await;
+    assert_eq!(
+        calls(&seen),
+        [
+            "GET /api/v1/namespaces/ns/pods",
+            "GET /api/v1/namespaces/ns/services",
+            "DELETE /api/v1/namespaces/ns/pods/j-master-0",
+            "DELETE /api/v1/namespaces/ns/pods/j-worker-0",
+            "PATCH /apis/kubeflow.org/v1/namespaces/ns/pytorchjobs/j/status",
+        ]
+    );
+    assert!(event_reasons(&seen).contains(&"PyTorchJobSuspended".to_owned()));
+}
+
+#[tokio::test]
+async fn a_job_past_its_ttl_is_deleted() {
+    let status = json!({"completionTime": "2020-01-01T00:00:00Z", "conditions": [
+        {"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded"}]});
+    let (action, seen) =
+        reconcile_with(job(json!({"ttlSecondsAfterFinished": 60}), status), vec![]).await;
+    assert_eq!(
+        calls(&seen),
+        [
+            "GET /api/v1/namespaces/ns/pods",
+            "GET /api/v1/namespaces/ns/services",
+            "DELETE /apis/kubeflow.org/v1/namespaces/ns/pytorchjobs/j",
+        ]
+    );
+    assert_eq!(action, Action::await_change());
+}
+
+/// A pod of the job in `phase`, its training container terminated with `code` (if any) after
+/// `restarts` restarts.
+fn pod_in(rtype: &str, phase: &str, code: Option<i32>, restarts: i32) -> Value {
+    let mut pod = running_pod(rtype);
+    let state = code.map_or(
+        json!({"running": {}}),
+        |c| json!({"terminated": {"exitCode": c}}),
+    );
+    pod["status"] = json!({"phase": phase, "containerStatuses": [{
+        "name": "pytorch", "image": "img", "imageID": "", "ready": false,
+        "restartCount": restarts, "state": state}]});
+    pod
+}
+
+fn running_status() -> Value {
+    json!({"startTime": "2099-01-01T00:00:00Z", "conditions": [
+        {"type": "Created", "status": "True", "reason": "PyTorchJobCreated"},
+        {"type": "Running", "status": "True", "reason": "PyTorchJobRunning"}]})
+}
+
+/// The condition of `kind` in the status the reconcile wrote: (status, reason).
+fn written(seen: &[Seen], kind: &str) -> Option<(String, String)> {
+    let patch = seen
+        .iter()
+        .rev()
+        .find(|s| s.method == "PATCH" && s.uri.contains("/status"))?;
+    let c = patch.body["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)?;
+    Some((
+        c["status"].as_str()?.to_owned(),
+        c["reason"].as_str()?.to_owned(),
+    ))
+}
+
+fn with_worker_policy(mut job: Value, policy: &str) -> Value {
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] = json!(policy);
+    job
+}
+
+#[tokio::test]
+async fn scenarios_of_success_failure_and_restart() {
+    let truth = |s: &str, r: &str| Some((s.to_owned(), r.to_owned()));
+    // The master succeeds: the job does; cleanPodPolicy None leaves the worker.
+    let pods = vec![
+        pod_in("master", "Succeeded", Some(0), 0),
+        pod_in("worker", "Running", None, 0),
+    ];
+    let (_, seen) = reconcile_with(job(json!({}), running_status()), pods).await;
+    assert_eq!(
+        written(&seen, "Succeeded"),
+        truth("True", "PyTorchJobSucceeded")
+    );
+    assert!(
+        !calls(&seen).iter().any(|c| c.starts_with("DELETE")),
+        "{:?}",
+        calls(&seen)
+    );
+
+    // A worker fails under each restart policy.
+    let failed = |code| {
+        vec![
+            pod_in("master", "Running", None, 0),
+            pod_in("worker", "Failed", Some(code), 0),
+        ]
+    };
+    for (policy, code, recreated) in [
+        ("OnFailure", 1, true),
+        ("ExitCode", 137, true),
+        ("ExitCode", 1, false),
+        ("Never", 1, false),
+    ] {
+        let job = with_worker_policy(job(json!({}), running_status()), policy);
+        let (_, seen) = reconcile_with(job, failed(code)).await;
+        let deletes = calls(&seen)
+            .iter()
+            .any(|c| c == "DELETE /api/v1/namespaces/ns/pods/j-worker-0");
+        assert_eq!(deletes, recreated, "{policy} {code}: {:?}", calls(&seen));
+        if recreated {
+            assert_eq!(
+                written(&seen, "Restarting"),
+                truth("True", "PyTorchJobRestarting"),
+                "{policy}"
+            );
+        } else {
+            assert_eq!(
+                written(&seen, "Failed").map(|c| c.0),
+                Some("True".into()),
+                "{policy} {code}"
+            );
+        }
+    }
+
+    // backoffLimit: the containers' restarts count.
+    let pods = vec![
+        pod_in("master", "Running", None, 0),
+        pod_in("worker", "Running", None, 3),
+    ];
+    let (_, seen) = reconcile_with(job(json!({"backoffLimit": 2}), running_status()), pods).await;
+    assert_eq!(
+        written(&seen, "Failed"),
+        truth("True", "BackoffLimitExceeded")
+    );
+
+    // Resumed: the pods come back.
+    let suspended = json!({"startTime": "2020-01-01T00:00:00Z", "conditions": [
+        {"type": "Created", "status": "True", "reason": "PyTorchJobCreated"},
+        {"type": "Suspended", "status": "True", "reason": "PyTorchJobSuspended"}]});
+    let (_, seen) = reconcile_with(job(json!({"suspend": false}), suspended), vec![]).await;
+    assert_eq!(
+        calls(&seen)
+            .iter()
+            .filter(|c| c.as_str() == "POST /api/v1/namespaces/ns/pods")
+            .count(),
+        2
+    );
+    assert_eq!(
+        written(&seen, "Suspended"),
+        truth("False", "PyTorchJobResumed")
+    );
+}

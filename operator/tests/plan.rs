@@ -101,7 +101,14 @@ fn deleted(plan: &Plan) -> Vec<&str> {
 }
 
 fn run(job: &PyTorchJob, pods: &[Observed], services: &[String], seconds: i64) -> Plan {
-    plan(job, pods, services, at(seconds), &PlanOptions::default())
+    plan(
+        job,
+        pods,
+        services,
+        None,
+        at(seconds),
+        &PlanOptions::default(),
+    )
 }
 
 #[test]
@@ -332,4 +339,38 @@ fn workers_past_the_replica_count_are_deleted() {
     let p = run(&started(job("{}", "OnFailure")), &pods, &names, 5);
     assert_eq!(deleted(&p), ["j-worker-2"]);
     assert_eq!(p.delete_services, ["j-worker-2"]);
+}
+
+#[test]
+fn volcano_admits_the_group_before_any_pod_is_created() {
+    let options = PlanOptions {
+        render: ferrun_operator::render::RenderOptions {
+            gang: ferrun_operator::scheduling::Gang::from_flag("volcano"),
+            ..Default::default()
+        },
+        ..PlanOptions::default()
+    };
+    let job = job("{}", "OnFailure");
+    let waiting = plan(&job, &[], &[], None, at(0), &options);
+    assert!(waiting.apply_pod_group.is_some());
+    assert!(
+        waiting.create_pods.is_empty(),
+        "no pods while the group is not admitted"
+    );
+    assert_eq!(waiting.requeue_after, Some(Duration::from_secs(5)));
+    let pending = plan(&job, &[], &[], Some("Pending"), at(1), &options);
+    assert!(pending.create_pods.is_empty());
+    let admitted = plan(&job, &[], &[], Some("Inqueue"), at(2), &options);
+    assert_eq!(admitted.create_pods.len(), 3);
+    let mut pods = all_running();
+    pods[0].phase = Phase::Succeeded;
+    let done = plan(
+        &started(job),
+        &pods,
+        &services(),
+        Some("Running"),
+        at(3),
+        &options,
+    );
+    assert!(done.delete_pod_group, "the group goes when the job ends");
 }

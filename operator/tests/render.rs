@@ -412,3 +412,90 @@ fn the_shipped_crd_is_the_generated_one() {
         "deploy/crd.yaml is stale: regenerate it with `cargo run -p ferrun-operator -- crd > deploy/crd.yaml`"
     );
 }
+
+#[test]
+fn gang_scheduling_marks_pods_and_renders_the_pod_group() {
+    use ferrun_operator::scheduling::Gang;
+    let yaml = MASTER_WORKER.replace(
+        "              command: [torchrun, train.py]\n              env:",
+        "              command: [torchrun, train.py]\n              resources: {requests: {cpu: 500m, memory: 1Gi}, limits: {cpu: '1', nvidia.com/gpu: '1'}}\n              env:",
+    );
+    let job = job(&yaml);
+    let volcano = RenderOptions {
+        gang: Gang::from_flag("volcano"),
+        ..RenderOptions::default()
+    };
+    let pod = render::pod(&job, "Worker", 1, &volcano);
+    assert_eq!(
+        pod.spec.as_ref().and_then(|s| s.scheduler_name.as_deref()),
+        Some("volcano")
+    );
+    let annotations = pod.metadata.annotations.expect("annotations");
+    assert_eq!(annotations["scheduling.k8s.io/group-name"], "mnist");
+    assert_eq!(annotations["volcano.sh/task-spec"], "worker");
+    let group = Gang::Volcano.pod_group(&job);
+    assert_eq!(group.metadata.name.as_deref(), Some("mnist"));
+    assert_eq!(
+        group.types.as_ref().map(|t| t.api_version.as_str()),
+        Some("scheduling.volcano.sh/v1beta1")
+    );
+    let spec = &group.data["spec"];
+    assert_eq!(spec["minMember"], 3);
+    assert_eq!(spec["queue"], "default");
+    // Only the master has resources: requests win over limits, limits fill in the rest.
+    assert_eq!(spec["minResources"]["cpu"], "500m");
+    assert_eq!(spec["minResources"]["memory"], (1u64 << 30).to_string());
+    assert_eq!(spec["minResources"]["nvidia.com/gpu"], "1");
+
+    let plugins = Gang::from_flag("scheduler-plugins-scheduler").expect("gang");
+    let options = RenderOptions {
+        gang: Some(plugins.clone()),
+        ..RenderOptions::default()
+    };
+    let pod = render::pod(&job, "Master", 0, &options);
+    assert_eq!(
+        pod.spec.as_ref().and_then(|s| s.scheduler_name.as_deref()),
+        Some("scheduler-plugins-scheduler")
+    );
+    assert_eq!(
+        pod.metadata.labels.expect("labels")["scheduling.x-k8s.io/pod-group"],
+        "mnist"
+    );
+    let group = plugins.pod_group(&job);
+    assert_eq!(
+        group.types.as_ref().map(|t| t.api_version.as_str()),
+        Some("scheduling.x-k8s.io/v1alpha1")
+    );
+    assert_eq!(Gang::from_flag(""), None);
+}
+
+#[test]
+fn elastic_metrics_give_the_workers_an_autoscaler() {
+    let with_metrics = job(r#"
+apiVersion: kubeflow.org/v1
+kind: PyTorchJob
+metadata: {name: elastic, namespace: ns}
+spec:
+  elasticPolicy:
+    minReplicas: 1
+    maxReplicas: 5
+    metrics:
+      - type: Resource
+        resource: {name: cpu, target: {type: Utilization, averageUtilization: 80}}
+  pytorchReplicaSpecs:
+    Worker:
+      replicas: 2
+      template: {spec: {containers: [{name: pytorch, image: img}]}}
+"#);
+    let hpa = ferrun_operator::scheduling::autoscaler(&with_metrics).expect("an autoscaler");
+    assert_eq!(hpa.metadata.name.as_deref(), Some("elastic"));
+    let spec = hpa.spec;
+    assert_eq!((spec.min_replicas, spec.max_replicas), (Some(1), 5));
+    assert_eq!(spec.scale_target_ref.kind, "PyTorchJob");
+    assert_eq!(
+        spec.scale_target_ref.api_version.as_deref(),
+        Some("kubeflow.org/v1")
+    );
+    assert_eq!(spec.metrics.expect("metrics").len(), 1);
+    assert!(ferrun_operator::scheduling::autoscaler(&job(MASTER_WORKER)).is_none());
+}

@@ -2,9 +2,12 @@
 //! reconcile with [`plan::plan`] and carries the plan out against the API server — children by
 //! create and delete, the job's status by server-side apply, events through the events API.
 
+mod apply;
 pub mod http;
 pub mod lease;
 pub mod plan;
+
+use apply::{api_error, carry_out, publish, write_status};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,19 +16,19 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::ListParams;
+use kube::core::DynamicObject;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::json;
 
-use crate::crd::{JobStatus, PyTorchJob};
+use crate::crd::PyTorchJob;
 use crate::defaults::with_defaults;
 use crate::lifecycle;
 use crate::render::{CONTROLLER_NAME, JOB_NAME, OPERATOR_NAME};
 use crate::validate::{validate, MANAGERS};
-use plan::{observe, Plan, PlanOptions};
+use plan::{observe, PlanOptions};
 
 /// The field manager of this controller's server-side applies.
 pub const MANAGER: &str = "ferrun-operator";
@@ -139,16 +142,6 @@ impl Context {
     }
 }
 
-fn api_error(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileError {
-    let what = what.into();
-    move |source| ReconcileError::Api { what, source }
-}
-
-/// Whether an API error only says the object is already as wanted (created or gone).
-fn settled(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(status) if status.code == 409 || status.code == 404)
-}
-
 /// Reconciles one job.
 ///
 /// # Errors
@@ -203,174 +196,26 @@ pub async fn reconcile(job: Arc<PyTorchJob>, ctx: Arc<Context>) -> Result<Action
         .iter()
         .map(ResourceExt::name_any)
         .collect();
+    let phase = match &ctx.options.render.gang {
+        Some(gang) => {
+            let groups: Api<DynamicObject> =
+                Api::namespaced_with(ctx.client.clone(), &namespace, &gang.api_resource());
+            let group = groups.get_opt(&name).await.map_err(api_error(format!(
+                "read the PodGroup of {namespace}/{name} (is the gang scheduler installed?)"
+            )))?;
+            group.and_then(|g| g.data["status"]["phase"].as_str().map(str::to_owned))
+        }
+        None => None,
+    };
     let plan = plan::plan(
         &defaulted,
         &observed,
         &service_names,
+        phase.as_deref(),
         Timestamp::now(),
         &ctx.options,
     );
     carry_out(&ctx, &job, plan, &pods, &services, &jobs).await
-}
-
-/// Makes the API calls a plan asks for, children first, then the status.
-async fn carry_out(
-    ctx: &Context,
-    job: &PyTorchJob,
-    plan: Plan,
-    pods: &Api<Pod>,
-    services: &Api<Service>,
-    jobs: &Api<PyTorchJob>,
-) -> Result<Action, ReconcileError> {
-    let name = job.name_any();
-    let was = |kind: &str| {
-        job.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == kind && c.status == "True")
-        })
-    };
-    let (succeeded_before, failed_before) = (was("Succeeded"), was("Failed"));
-    for deletion in &plan.delete_pods {
-        let params = if deletion.force {
-            DeleteParams::default().grace_period(0)
-        } else {
-            DeleteParams::default()
-        };
-        match pods.delete(&deletion.name, &params).await {
-            Ok(_) => {
-                ctx.metrics.pods_deleted.fetch_add(1, Ordering::Relaxed);
-                publish(
-                    ctx,
-                    job,
-                    false,
-                    "SuccessfulDeletePod",
-                    format!("Deleted pod: {}", deletion.name),
-                )
-                .await;
-            }
-            Err(e) if settled(&e) => {}
-            Err(e) => return Err(api_error(format!("delete pod {}", deletion.name))(e)),
-        }
-    }
-    for service in &plan.delete_services {
-        match services.delete(service, &DeleteParams::default()).await {
-            Ok(_) => {
-                publish(
-                    ctx,
-                    job,
-                    false,
-                    "SuccessfulDeleteService",
-                    format!("Deleted service: {service}"),
-                )
-                .await
-            }
-            Err(e) if settled(&e) => {}
-            Err(e) => return Err(api_error(format!("delete service {service}"))(e)),
-        }
-    }
-    for pod in &plan.create_pods {
-        let pod_name = pod.name_any();
-        match pods.create(&PostParams::default(), pod).await {
-            Ok(_) => {
-                ctx.metrics.pods_created.fetch_add(1, Ordering::Relaxed);
-                publish(
-                    ctx,
-                    job,
-                    false,
-                    "SuccessfulCreatePod",
-                    format!("Created pod: {pod_name}"),
-                )
-                .await;
-            }
-            Err(e) if settled(&e) => {}
-            Err(e) => return Err(api_error(format!("create pod {pod_name}"))(e)),
-        }
-    }
-    for service in &plan.create_services {
-        let service_name = service.name_any();
-        match services.create(&PostParams::default(), service).await {
-            Ok(_) => {
-                publish(
-                    ctx,
-                    job,
-                    false,
-                    "SuccessfulCreateService",
-                    format!("Created service: {service_name}"),
-                )
-                .await
-            }
-            Err(e) if settled(&e) => {}
-            Err(e) => return Err(api_error(format!("create service {service_name}"))(e)),
-        }
-    }
-    for note in &plan.notes {
-        publish(ctx, job, note.warning, &note.reason, note.message.clone()).await;
-    }
-    if plan.delete_job {
-        match jobs.delete(&name, &DeleteParams::background()).await {
-            Ok(_) | Err(kube::Error::Api(_)) => {}
-            Err(e) => return Err(api_error(format!("delete job {name} (its TTL passed)"))(e)),
-        }
-        return Ok(Action::await_change());
-    }
-    if job.status.as_ref() != Some(&plan.status) {
-        write_status(jobs, &name, &plan.status).await?;
-        let is = |kind: &str| {
-            plan.status
-                .conditions
-                .iter()
-                .any(|c| c.type_ == kind && c.status == "True")
-        };
-        if is("Succeeded") && !succeeded_before {
-            ctx.metrics.jobs_succeeded.fetch_add(1, Ordering::Relaxed);
-        }
-        if is("Failed") && !failed_before {
-            ctx.metrics.jobs_failed.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    Ok(plan
-        .requeue_after
-        .map_or_else(Action::await_change, Action::requeue))
-}
-
-/// Writes the job's status by server-side apply (only the fields this controller owns).
-async fn write_status(
-    jobs: &Api<PyTorchJob>,
-    name: &str,
-    status: &JobStatus,
-) -> Result<(), ReconcileError> {
-    let patch = json!({
-        "apiVersion": "kubeflow.org/v1",
-        "kind": "PyTorchJob",
-        "status": status,
-    });
-    jobs.patch_status(
-        name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(api_error(format!("write the status of {name}")))?;
-    Ok(())
-}
-
-/// Records an event on the job; a failure to do so is logged, not fatal.
-async fn publish(ctx: &Context, job: &PyTorchJob, warning: bool, reason: &str, note: String) {
-    let event = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
-        tracing::warn!("cannot record event {reason} on {}: {e}", job.name_any());
-    }
 }
 
 /// Retries a failed reconcile after a pause.

@@ -10,9 +10,11 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use kube::core::DynamicObject;
 
 use crate::crd::{JobStatus, PyTorchJob};
 use crate::defaults::CONTAINER;
@@ -115,6 +117,14 @@ pub struct Plan {
     pub requeue_after: Option<Duration>,
     /// The job's TTL has passed: delete it.
     pub delete_job: bool,
+    /// The job's PodGroup, to apply (gang scheduling).
+    pub apply_pod_group: Option<DynamicObject>,
+    /// Delete the job's PodGroup (it ended, or is suspended).
+    pub delete_pod_group: bool,
+    /// The job's HorizontalPodAutoscaler, to apply (elastic metrics).
+    pub apply_autoscaler: Option<HorizontalPodAutoscaler>,
+    /// Delete the job's HorizontalPodAutoscaler (suspended).
+    pub delete_autoscaler: bool,
 }
 
 /// Settings of the planner (the operator's flags).
@@ -211,14 +221,17 @@ impl Plan {
     }
 }
 
-/// Plans one reconcile of `job` (defaults applied and valid) at `now`.
+/// Plans one reconcile of `job` (defaults applied and valid) at `now`; `pod_group_phase` is
+/// the phase of its PodGroup when gang scheduling is on and the group exists.
 pub fn plan(
     job: &PyTorchJob,
     pods: &[Observed],
     services: &[String],
+    pod_group_phase: Option<&str>,
     now: Timestamp,
     options: &PlanOptions,
 ) -> Plan {
+    let gang = options.render.gang.as_ref();
     let mut plan = Plan {
         status: job.status.clone().unwrap_or_default(),
         ..Plan::default()
@@ -236,6 +249,7 @@ pub fn plan(
     };
     plan.status.replica_statuses = lifecycle::replica_statuses(job, &states(pods));
     if is_true(&plan.status, "Succeeded") || is_true(&plan.status, "Failed") {
+        plan.delete_pod_group = gang.is_some();
         plan.clean_up(job, pods, services);
         plan.time_to_live(job, now);
         return plan;
@@ -249,6 +263,8 @@ pub fn plan(
             });
         }
         plan.delete_services = services.to_vec();
+        plan.delete_pod_group = gang.is_some();
+        plan.delete_autoscaler = crate::scheduling::autoscaler(job).is_some();
         let message = format!("PyTorchJob {name} is suspended.");
         if lifecycle::set_condition(
             &mut plan.status,
@@ -366,9 +382,18 @@ pub fn plan(
     match lifecycle::judge(job, &states(&kept), restarts, age) {
         Verdict::Running => {
             plan.delete_pods.extend(recreate);
+            plan.apply_autoscaler = crate::scheduling::autoscaler(job);
+            plan.apply_pod_group = gang.map(|g| g.pod_group(job));
+            // Volcano admits a group as a whole: no pods until it is past Pending.
+            let admitted = gang != Some(&crate::scheduling::Gang::Volcano)
+                || pod_group_phase.is_some_and(|p| !p.is_empty() && p != "Pending");
+            if !admitted {
+                plan.status.last_reconcile_time = Some(stamp.clone());
+                plan.requeue(Duration::from_secs(5));
+            }
             for (rtype, index) in render::replicas(job) {
                 let pod_name = render::pod_name(&name, &rtype, index);
-                if !pods.iter().any(|p| p.name == pod_name) {
+                if admitted && !pods.iter().any(|p| p.name == pod_name) {
                     plan.create_pods
                         .push(render::pod(job, &rtype, index, &options.render));
                 }
@@ -411,6 +436,7 @@ pub fn plan(
                 &stamp,
             );
             plan.note(false, "PyTorchJobSucceeded", message);
+            plan.delete_pod_group = gang.is_some();
             plan.status.completion_time = Some(stamp.clone());
             plan.clean_up(job, &kept, services);
             plan.time_to_live(job, now);
@@ -418,6 +444,7 @@ pub fn plan(
         Verdict::Failed(reason, message) => {
             lifecycle::set_condition(&mut plan.status, "Failed", reason, &message, &stamp);
             plan.note(true, "PyTorchJobFailed", message);
+            plan.delete_pod_group = gang.is_some();
             plan.status.completion_time = Some(stamp.clone());
             plan.clean_up(job, &kept, services);
             plan.time_to_live(job, now);
