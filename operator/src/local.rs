@@ -399,27 +399,32 @@ fn finish(
         );
     }
     for r in running {
-        if let Some(pid) = r.pid.take() {
-            stop(pid);
+        if let Some(pid) = r.pid {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
             r.state.phase = Phase::Deleted;
         }
+    }
+    // A grace for SIGTERM, as the kubelet gives, then SIGKILL for what is left.
+    let until = Instant::now() + STOP_GRACE;
+    while replicas.iter().any(|r| r.pid.is_some()) {
+        let left = until.saturating_duration_since(Instant::now());
+        let Ok((i, generation, _)) = exited.recv_timeout(left) else {
+            break;
+        };
+        if generation == replicas[i].generation {
+            replicas[i].pid = None;
+        }
+    }
+    for pid in replicas.iter_mut().filter_map(|r| r.pid.take()) {
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
 }
 
 /// How long pods may take to end on their own once the job has ended.
 const FINISHING: Duration = Duration::from_secs(3);
 
-/// Stops a pod's process group: SIGTERM, then SIGKILL after a short grace.
-fn stop(pid: u32) {
-    let group = Pid::from_raw(pid as i32);
-    let _ = killpg(group, Signal::SIGTERM);
-    let until = Instant::now() + Duration::from_secs(5);
-    // The group is gone once signal 0 finds no process in it.
-    while killpg(group, None).is_ok() && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = killpg(group, Signal::SIGKILL);
-}
+/// How long a stopped pod may take to exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Prints the job's state and replica counts when they changed.
 fn show(job: &PyTorchJob, status: &JobStatus, shown: &mut String) {
