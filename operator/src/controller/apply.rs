@@ -17,6 +17,7 @@ use super::plan::Plan;
 use super::{Context, ReconcileError, MANAGER};
 use crate::crd::{JobStatus, PyTorchJob};
 
+/// Wraps an API error with the call that failed.
 pub(super) fn api_error(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileError {
     let what = what.into();
     move |source| ReconcileError::Api { what, source }
@@ -124,7 +125,8 @@ pub(super) async fn carry_out(
     }
     if plan.delete_job {
         match jobs.delete(&name, &DeleteParams::background()).await {
-            Ok(_) | Err(kube::Error::Api(_)) => {}
+            Ok(_) => {}
+            Err(e) if settled(&e) => {}
             Err(e) => return Err(api_error(format!("delete job {name} (its TTL passed)"))(e)),
         }
         return Ok(Action::await_change());
