@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Container;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{killpg, SigSet, Signal};
 use nix::unistd::Pid;
 
 use crate::crd::{JobStatus, PyTorchJob};
@@ -50,6 +50,9 @@ pub struct LocalOptions {
     pub timeout: Option<Duration>,
     /// How pods are rendered.
     pub render: RenderOptions,
+    /// Stop every pod and end the run on SIGINT, SIGTERM or SIGHUP (for the command line;
+    /// it blocks those signals in the calling process).
+    pub forward_signals: bool,
 }
 
 /// How a local run ended.
@@ -61,6 +64,8 @@ pub struct Outcome {
     pub status: JobStatus,
     /// Restarts and recreations, all replicas together.
     pub restarts: i32,
+    /// The signal that ended the run, if one did.
+    pub interrupted: Option<i32>,
 }
 
 /// One replica as a local process.
@@ -77,7 +82,13 @@ struct Replica {
     exit_code: Option<i32>,
 }
 
-type Exit = (usize, u32, i32);
+/// What the main loop waits for.
+enum Event {
+    /// Replica `.0`'s process of generation `.1` exited with code `.2`.
+    Exited(usize, u32, i32),
+    /// The operator itself got this signal.
+    Signal(i32),
+}
 
 /// Runs `job` (defaults applied, validated) to its end; progress and the pods' output go to
 /// standard output.
@@ -113,7 +124,11 @@ pub fn run(job: &PyTorchJob, options: &LocalOptions) -> Result<Outcome, LocalErr
             exit_code: None,
         });
     }
-    let (exits, exited) = mpsc::channel::<Exit>();
+    let (exits, exited) = mpsc::channel::<Event>();
+    if options.forward_signals {
+        forward_signals(exits.clone());
+    }
+    let mut interrupted = None;
     let mut status = JobStatus {
         start_time: Some(now()),
         ..JobStatus::default()
@@ -158,8 +173,14 @@ pub fn run(job: &PyTorchJob, options: &LocalOptions) -> Result<Outcome, LocalErr
             break verdict;
         }
         let wait = next_wait(job, started, deadline);
-        let Ok((i, generation, code)) = exited.recv_timeout(wait) else {
-            continue;
+        let (i, generation, code) = match exited.recv_timeout(wait) {
+            Ok(Event::Exited(i, generation, code)) => (i, generation, code),
+            Ok(Event::Signal(signal)) => {
+                interrupted = Some(signal);
+                let name = Signal::try_from(signal).map_or("a signal", |s| s.as_str());
+                break Verdict::Failed("Interrupted", format!("local mode got {name}"));
+            }
+            Err(_) => continue,
         };
         let replica = &mut replicas[i];
         if generation != replica.generation {
@@ -207,7 +228,26 @@ pub fn run(job: &PyTorchJob, options: &LocalOptions) -> Result<Outcome, LocalErr
         verdict,
         status,
         restarts,
+        interrupted,
     })
+}
+
+/// Turns SIGINT, SIGTERM and SIGHUP into events of the main loop: blocked in this thread (and
+/// so in every thread started after), awaited by one of their own. Children start with an
+/// empty signal mask, so they still get signals.
+fn forward_signals(events: mpsc::Sender<Event>) {
+    let mut set = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(signal);
+    }
+    if set.thread_block().is_err() {
+        return;
+    }
+    std::thread::spawn(move || {
+        if let Ok(signal) = set.wait() {
+            let _ = events.send(Event::Signal(signal as i32));
+        }
+    });
 }
 
 fn now() -> Time {
@@ -268,7 +308,23 @@ fn command(job: &PyTorchJob, pod: &str, container: &Container) -> Result<Command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    unblock_signals(&mut cmd);
     Ok(cmd)
+}
+
+/// Starts the process with no signal blocked: local mode blocks SIGINT/SIGTERM/SIGHUP to await
+/// them itself (`forward_signals`), and a blocked mask is inherited across exec.
+#[allow(unsafe_code)]
+fn unblock_signals(cmd: &mut Command) {
+    // SAFETY: between fork and exec the closure only calls pthread_sigmask, which is
+    // async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            SigSet::empty()
+                .thread_set_mask()
+                .map_err(std::io::Error::from)
+        });
+    }
 }
 
 /// `value` with the host `name` (a whole host name, not part of a longer one) as 127.0.0.1.
@@ -288,7 +344,7 @@ fn replace_host(value: &str, name: &str) -> String {
 }
 
 /// Starts (or restarts) replica `i`; its exit arrives on `exits`.
-fn start(replica: &mut Replica, i: usize, exits: &mpsc::Sender<Exit>) -> Result<(), LocalError> {
+fn start(replica: &mut Replica, i: usize, exits: &mpsc::Sender<Event>) -> Result<(), LocalError> {
     let mut child = replica
         .command
         .spawn()
@@ -334,7 +390,7 @@ fn start(replica: &mut Replica, i: usize, exits: &mpsc::Sender<Exit>) -> Result<
         for r in readers {
             let _ = r.join();
         }
-        let _ = exits.send((i, generation, code));
+        let _ = exits.send(Event::Exited(i, generation, code));
     });
     Ok(())
 }
@@ -346,7 +402,7 @@ fn finish(
     replicas: &mut [Replica],
     status: &mut JobStatus,
     verdict: &Verdict,
-    exited: &mpsc::Receiver<Exit>,
+    exited: &mpsc::Receiver<Event>,
 ) {
     let name = job.job_name();
     match verdict {
@@ -361,12 +417,21 @@ fn finish(
     }
     status.completion_time = Some(now());
     // Pods that are ending on their own (workers after their master) get a moment to do so,
-    // so that their own exit is what the summary shows.
-    let until = Instant::now() + FINISHING;
+    // so that their own exit is what the summary shows — unless the user is interrupting.
+    let interrupted = matches!(verdict, Verdict::Failed("Interrupted", _));
+    let until = Instant::now()
+        + if interrupted {
+            Duration::ZERO
+        } else {
+            FINISHING
+        };
     while replicas.iter().any(|r| r.pid.is_some()) {
         let left = until.saturating_duration_since(Instant::now());
-        let Ok((i, generation, code)) = exited.recv_timeout(left) else {
+        let Ok(event) = exited.recv_timeout(left) else {
             break;
+        };
+        let Event::Exited(i, generation, code) = event else {
+            continue;
         };
         let r = &mut replicas[i];
         if generation == r.generation {
@@ -390,7 +455,9 @@ fn finish(
         return;
     }
     let names: Vec<&str> = running.iter().map(|r| r.name.as_str()).collect();
-    if policy == "None" {
+    if interrupted {
+        println!("[ferrun-operator] stopping {}", names.join(", "));
+    } else if policy == "None" {
         println!("[ferrun-operator] cleanPodPolicy None would leave {} running in a cluster; a local run stops them", names.join(", "));
     } else {
         println!(
@@ -408,8 +475,11 @@ fn finish(
     let until = Instant::now() + STOP_GRACE;
     while replicas.iter().any(|r| r.pid.is_some()) {
         let left = until.saturating_duration_since(Instant::now());
-        let Ok((i, generation, _)) = exited.recv_timeout(left) else {
+        let Ok(event) = exited.recv_timeout(left) else {
             break;
+        };
+        let Event::Exited(i, generation, _) = event else {
+            continue;
         };
         if generation == replicas[i].generation {
             replicas[i].pid = None;

@@ -136,10 +136,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let options = LocalOptions {
                 timeout: timeout.map(Duration::from_secs),
                 render: RenderOptions::default(),
+                forward_signals: true,
             };
             let outcome = local::run(&job, &options)?;
-            return Ok(match outcome.verdict {
-                Verdict::Succeeded => ExitCode::SUCCESS,
+            return Ok(match (outcome.verdict, outcome.interrupted) {
+                (_, Some(signal)) => ExitCode::from(128 + signal as u8),
+                (Verdict::Succeeded, _) => ExitCode::SUCCESS,
                 _ => ExitCode::from(1),
             });
         }

@@ -152,3 +152,72 @@ fn a_container_without_a_command_is_refused_with_the_fix() {
     );
     assert!(text.contains("give `command:`"), "{text}");
 }
+
+#[test]
+fn ctrl_c_stops_every_pod_and_exits_with_the_signal() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("job.yaml");
+    // A sleep no other process here runs, to look for leftovers by.
+    std::fs::write(
+        &path,
+        job("{}", "exec sleep 37.25", "OnFailure", "exec sleep 37.25"),
+    )
+    .expect("write job");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrun-operator"))
+        .args(["local", "--timeout", "40"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ferrun-operator");
+    let (lines, seen) = mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut output = Vec::new();
+    while !output
+        .iter()
+        .any(|l: &String| l.contains("job shell: Running"))
+    {
+        output.push(
+            seen.recv_timeout(Duration::from_secs(20))
+                .expect("the job runs within 20 s"),
+        );
+    }
+    let started = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    while let Ok(line) = seen.recv_timeout(Duration::from_secs(20)) {
+        output.push(line);
+    }
+    let status = child.wait().expect("wait");
+    let text = output.join("\n");
+    assert_eq!(status.code(), Some(130), "{text}");
+    // Under the 5 s SIGTERM grace: the pods got SIGTERM and obeyed it (no inherited mask).
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        text.contains("job shell: Failed") && text.contains("local mode got SIGINT"),
+        "{text}"
+    );
+    let leftovers: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.starts_with("sleep 37.25"))
+        .collect();
+    assert!(leftovers.is_empty(), "pods left running: {leftovers:?}");
+}
