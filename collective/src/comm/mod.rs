@@ -339,12 +339,7 @@ impl<T: Transport> Communicator<T> {
         }
         let tag = self.next_label::<E>(Kind::AllGather, m, None, None);
         output[self.rank() * m..(self.rank() + 1) * m].copy_from_slice(input);
-        let everyone: Vec<usize> = (0..n).collect();
-        let ring = Ring {
-            ranks: &everyone,
-            me: self.rank,
-        };
-        self.ring_all_gather("all_gather", tag, ring, output)
+        self.flat_ring(|ring| self.ring_all_gather("all_gather", tag, ring, output))
     }
 
     /// Reduces `input` (`size` equal blocks) across ranks; rank `r` gets block `r` in `output`.
@@ -369,12 +364,7 @@ impl<T: Transport> Communicator<T> {
         }
         let tag = self.next_label::<E>(Kind::ReduceScatter, m, Some(op), None);
         let mut acc = input.to_vec();
-        let everyone: Vec<usize> = (0..n).collect();
-        let ring = Ring {
-            ranks: &everyone,
-            me: self.rank,
-        };
-        self.ring_reduce_scatter(tag, ring, &mut acc, op)?;
+        self.flat_ring(|ring| self.ring_reduce_scatter(tag, ring, &mut acc, op))?;
         output.copy_from_slice(&acc[self.rank() * m..(self.rank() + 1) * m]);
         finish(op, output, n);
         Ok(())
@@ -468,7 +458,7 @@ mod overlap;
 mod ring;
 mod split;
 
-use ring::{Hosts, Ring};
+use ring::Hosts;
 
 pub use bootstrap::InitError;
 pub use overlap::{AsyncCommunicator, Handle};

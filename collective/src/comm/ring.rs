@@ -76,6 +76,20 @@ impl Hosts {
 }
 
 impl<T: Transport> Communicator<T> {
+    /// Every rank of this communicator, in rank order, as a ring for `f`.
+    pub(super) fn flat_ring<R>(&self, f: impl FnOnce(Ring<'_>) -> R) -> R {
+        let everyone: Vec<usize> = (0..self.size()).collect();
+        f(self.ring_of(&everyone))
+    }
+
+    /// `ranks` (this rank among them, in rank order) as a ring.
+    fn ring_of<'a>(&self, ranks: &'a [usize]) -> Ring<'a> {
+        Ring {
+            ranks,
+            me: self.rank,
+        }
+    }
+
     /// All-reduce by rings, slab by slab, so that a reduced chunk goes out again while it is
     /// still in cache: each byte then crosses memory once in and once out. Without the
     /// division of `Avg`.
@@ -88,10 +102,7 @@ impl<T: Transport> Communicator<T> {
         let segment = (SEGMENT_BYTES / std::mem::size_of::<E>()).max(1);
         let slab = self.size() * segment;
         let everyone: Vec<usize> = (0..self.size()).collect();
-        let flat = Ring {
-            ranks: &everyone,
-            me: self.rank,
-        };
+        let flat = self.ring_of(&everyone);
         for part in buf.chunks_mut(slab) {
             match &self.hosts {
                 Some(hosts) => {

@@ -2,7 +2,8 @@
 //!
 //! Every rank owns a segment holding a doorbell and one inbound ring per peer. A sender copies
 //! frames (header with tag, length and call; payload) into its ring in the receiver's segment; a receiver
-//! copies them out straight into the typed buffer. Progress is announced by bumping the other
+//! copies them out straight into the typed buffer, or reduces them straight from the ring
+//! (`Transport::exchange_fold`). Progress is announced by bumping the other
 //! side's doorbell, a futex word: a rank with nothing to do sleeps on its own doorbell, so
 //! waiting ranks leave the cores to the working ones.
 //!
