@@ -2,12 +2,13 @@
 //! `MASTER_ADDR:MASTER_PORT` (which `ferrun` hosts) carries every rank's address.
 //!
 //! The transport is chosen per pair of ranks: shared memory between ranks on one host (same
-//! boot id and network namespace), TCP between hosts; `FERRUN_TRANSPORT=tcp` or `=shm` (one
+//! boot id, network namespace and user), TCP between hosts; `FERRUN_TRANSPORT=tcp` or `=shm` (one
 //! host only) forces one for every pair.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{Communicator, Options};
+use super::{Communicator, Options, Witness};
 use crate::env::{EnvError, WorkerEnv};
 use crate::store::{StoreClient, StoreError};
 use crate::transport::mixed::Mixed;
@@ -106,17 +107,55 @@ impl Communicator<Auto> {
                 }
                 (Some(other), _) => return Err(InitError::Transport(other.to_owned())),
             };
-            Ok::<_, InitError>(transport)
+            Ok::<_, InitError>((transport, store))
         })?;
-        Ok(Self::new(transport, options))
+        let (transport, mut store) = transport;
+        store.set_timeout(WITNESS_TIMEOUT);
+        let witness = StoreWitness {
+            runtime,
+            store: Mutex::new(store),
+        };
+        Ok(Self::new(transport, options).with_witness(Arc::new(witness)))
     }
 }
 
-/// What makes two ranks able to share memory: the same kernel boot and network namespace.
-fn host_identity() -> String {
+/// How long recording a failure in the store may take (it is on the way to an error).
+const WITNESS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The job's first failure, recorded in the agent store under the communicator's prefix.
+#[derive(Debug)]
+struct StoreWitness {
+    runtime: tokio::runtime::Runtime,
+    store: Mutex<StoreClient>,
+}
+
+impl Witness for StoreWitness {
+    fn first(&self, cause: &str) -> Option<String> {
+        let mut store = self
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let first = self
+            .runtime
+            .block_on(store.compare_set("failure", b"", cause.as_bytes()));
+        match first {
+            Ok(value) => String::from_utf8(value).ok(),
+            Err(e) => {
+                tracing::warn!("cannot record the failure in the store: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// What makes two ranks able to share memory: the same kernel boot (one machine), the same
+/// network namespace (segments are handed over on abstract Unix sockets, which live in it) and
+/// the same user (segments are this user's). PID namespaces and `/dev/shm` mounts do not
+/// matter: segments have no file name, and liveness is a lock, not a pid.
+pub(crate) fn host_identity() -> String {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let netns = std::fs::read_link("/proc/self/ns/net")
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    format!("{}|{netns}", boot.trim())
+    format!("{}|{netns}|uid {}", boot.trim(), nix::unistd::geteuid())
 }

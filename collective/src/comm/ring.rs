@@ -12,10 +12,11 @@
 
 use std::ops::Range;
 
+use super::label::Label;
 use super::{CommError, Communicator, SEGMENT_BYTES};
 use crate::reduce::{bytes_of, bytes_of_mut, ByteFold, Element, ReduceOp};
 use crate::schedule;
-use crate::transport::{Fold, Label, Transport};
+use crate::transport::{Fold, Transport};
 
 /// A ring over some of a communicator's ranks: `ranks` in ring order, this rank at `me`.
 #[derive(Debug, Clone, Copy)]

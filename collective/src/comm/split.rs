@@ -36,6 +36,7 @@ impl<T: Transport> Communicator<T> {
             options: self.options,
             sequence: AtomicU64::new(0),
             splits: AtomicU64::new(0),
+            witness: self.witness.clone(),
         }))
     }
 }

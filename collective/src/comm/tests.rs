@@ -330,7 +330,7 @@ fn a_rank_that_never_comes_is_named_within_the_deadline() {
         assert!(took < Duration::from_secs(5), "{took:?}");
         match &err {
             CommError::Transport {
-                source: TransportError::Timeout { .. },
+                source: super::Failure::Link(TransportError::Timeout { .. }),
                 ..
             } => {}
             other => panic!("expected a timeout, got {other}"),

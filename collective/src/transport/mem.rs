@@ -4,10 +4,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{classify, Arrival, Label, Transport, TransportError};
+use super::{Envelope, Screen, Transport, TransportError};
 
 /// Per `(from, to)`: the messages in the order they were sent.
-type Mailboxes = HashMap<(usize, usize), VecDeque<(Label, Vec<u8>)>>;
+type Mailboxes = HashMap<(usize, usize), VecDeque<(Envelope, Vec<u8>)>>;
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -68,7 +68,8 @@ impl Transport for MemTransport {
 
     fn exchange(
         &self,
-        label: Label,
+        envelope: &Envelope,
+        screen: Screen<'_>,
         send: Option<(usize, &[u8])>,
         recv: Option<(usize, &mut [u8])>,
         deadline: Duration,
@@ -83,7 +84,7 @@ impl Transport for MemTransport {
             lock()
                 .entry((self.rank, peer))
                 .or_default()
-                .push_back((label, bytes.to_vec()));
+                .push_back((*envelope, bytes.to_vec()));
             self.shared.arrived.notify_all();
         }
         let Some((peer, out)) = recv else {
@@ -95,7 +96,13 @@ impl Transport for MemTransport {
             if let Some(queue) = boxes.get_mut(&(peer, self.rank)) {
                 let mut found = None;
                 for (i, (theirs, _)) in queue.iter().enumerate() {
-                    if let Arrival::Awaited = classify(peer, &label, theirs)? {
+                    if !screen(theirs) {
+                        return Err(TransportError::Refused {
+                            peer,
+                            envelope: *theirs,
+                        });
+                    }
+                    if theirs.tag == envelope.tag {
                         found = Some(i);
                         break;
                     }
@@ -105,7 +112,7 @@ impl Transport for MemTransport {
                         return Err(TransportError::Size {
                             peer,
                             expected: out.len(),
-                            got: message.len(),
+                            got: message.len() as u64,
                         });
                     }
                     out.copy_from_slice(&message);

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::shm::ShmTransport;
 use super::tcp::TcpTransport;
-use super::{Fold, Label, Transport, TransportError};
+use super::{Envelope, Fold, Screen, Transport, TransportError};
 
 /// A rank's links when the job spans hosts with several ranks each: every pair of ranks uses
 /// one transport, shared memory when both are on this host, TCP otherwise, so messages between
@@ -57,29 +57,31 @@ impl Transport for Mixed {
 
     fn exchange(
         &self,
-        label: Label,
+        envelope: &Envelope,
+        screen: Screen<'_>,
         send: Option<(usize, &[u8])>,
         recv: Option<(usize, &mut [u8])>,
         deadline: Duration,
     ) -> Result<(), TransportError> {
         let from = recv.as_ref().map(|r| r.0);
         let mut recv = recv;
-        self.route(label, send, from, deadline, &mut |link, send| {
-            link.exchange(label, send, recv.take(), deadline)
+        self.route(envelope, screen, send, from, deadline, &mut |link, send| {
+            link.exchange(envelope, screen, send, recv.take(), deadline)
         })
     }
 
     fn exchange_fold(
         &self,
-        label: Label,
+        envelope: &Envelope,
+        screen: Screen<'_>,
         send: Option<(usize, &[u8])>,
         recv: Option<Fold<'_>>,
         deadline: Duration,
     ) -> Result<(), TransportError> {
         let from = recv.as_ref().map(|r| r.peer);
         let mut recv = recv;
-        self.route(label, send, from, deadline, &mut |link, send| {
-            link.exchange_fold(label, send, recv.take(), deadline)
+        self.route(envelope, screen, send, from, deadline, &mut |link, send| {
+            link.exchange_fold(envelope, screen, send, recv.take(), deadline)
         })
     }
 }
@@ -93,7 +95,8 @@ impl Mixed {
     /// when one link does both.
     fn route(
         &self,
-        label: Label,
+        envelope: &Envelope,
+        screen: Screen<'_>,
         send: Option<(usize, &[u8])>,
         from: Option<usize>,
         deadline: Duration,
@@ -106,7 +109,8 @@ impl Mixed {
                 // half on a thread of its own, so neither waits on the other.
                 let to = self.pick(s.0);
                 std::thread::scope(|scope| {
-                    let sending = scope.spawn(|| to.exchange(label, Some(s), None, deadline));
+                    let sending =
+                        scope.spawn(|| to.exchange(envelope, screen, Some(s), None, deadline));
                     let received = receive(self.pick(r), None);
                     let sent = sending.join().unwrap_or_else(|_| {
                         Err(TransportError::Broken {
@@ -118,7 +122,9 @@ impl Mixed {
                 })
             }
             (s, Some(r)) => receive(self.pick(r), s),
-            (Some(s), None) => self.pick(s.0).exchange(label, Some(s), None, deadline),
+            (Some(s), None) => self
+                .pick(s.0)
+                .exchange(envelope, screen, Some(s), None, deadline),
             (None, None) => Ok(()),
         }
     }

@@ -5,16 +5,21 @@
 //! - [`shm`]: shared-memory rings between the ranks of one host.
 //! - [`mixed`]: shared memory to this host's ranks, TCP to the others.
 //! - [`Auto`]: whichever of these fits where the ranks are.
+//! - [`frame`]: frames on a byte stream, read in one place for TCP and shared memory.
+//!
+//! Transports carry opaque tags: a message is its [`Envelope`] and its bytes, a receive awaits
+//! one tag and judges every header with the caller's [`Screen`] (as gloo's pairs know nothing
+//! of collectives). What a tag means — which collective, which call — is the communicator's.
 
 use std::time::Duration;
 
-pub mod label;
+pub mod frame;
 pub mod mem;
 pub mod mixed;
 pub mod shm;
 pub mod tcp;
 
-pub use label::{Call, Kind, Label};
+pub use frame::{Envelope, Screen};
 
 /// A failure to move bytes, naming the peer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,40 +41,16 @@ pub enum TransportError {
         peer: usize,
         /// Bytes expected.
         expected: usize,
-        /// Bytes received.
-        got: usize,
+        /// Bytes the peer declared.
+        got: u64,
     },
-    /// The peer called another collective than this rank at this point.
-    #[error("rank {peer} called {theirs} as its collective #{their_seq} where this rank called {ours} as #{seq}: every rank must call the same collectives in the same order, with the same dtype, count, reduction and root")]
-    Mismatch {
+    /// The receive's screen refused a header from the peer (the layer above says why).
+    #[error("rank {peer} sent a message this receive refuses (tag {:#x})", envelope.tag)]
+    Refused {
         /// The peer.
         peer: usize,
-        /// This rank's collective number.
-        seq: u64,
-        /// What this rank called.
-        ours: Call,
-        /// The peer's collective number.
-        their_seq: u64,
-        /// What the peer called.
-        theirs: Call,
-    },
-    /// The peer gave up on the collective because the ranks disagree.
-    #[error("rank {peer} gave up on its {call}: it found that the ranks called different collectives (its error names them)")]
-    Aborted {
-        /// The peer.
-        peer: usize,
-        /// What the peer was calling.
-        call: Call,
-    },
-    /// Another rank lost its link to a rank, which is presumably gone.
-    #[error("rank {lost} is gone: rank {peer} lost its link to it during its {call}")]
-    PeerLost {
-        /// The rank that reported it.
-        peer: usize,
-        /// The rank that is gone.
-        lost: usize,
-        /// What the reporter was calling.
-        call: Call,
+        /// The refused header.
+        envelope: Envelope,
     },
     /// The link to the peer is gone.
     #[error("the link to rank {peer} is broken: {reason}")]
@@ -82,51 +63,38 @@ pub enum TransportError {
 }
 
 impl TransportError {
-    /// The same error with its peer renamed through `map` (an index into a group → a job rank).
-    pub(crate) fn with_peer_map(self, map: &[usize]) -> Self {
-        let g = |p: usize| map.get(p).copied().unwrap_or(p);
+    /// The peer the error names.
+    pub fn peer(&self) -> usize {
         match self {
-            Self::Timeout { peer, after } => Self::Timeout {
-                peer: g(peer),
-                after,
-            },
-            Self::Size {
-                peer,
-                expected,
-                got,
-            } => Self::Size {
-                peer: g(peer),
-                expected,
-                got,
-            },
-            Self::Mismatch {
-                peer,
-                seq,
-                ours,
-                their_seq,
-                theirs,
-            } => Self::Mismatch {
-                peer: g(peer),
-                seq,
-                ours,
-                their_seq,
-                theirs,
-            },
-            Self::Aborted { peer, call } => Self::Aborted {
-                peer: g(peer),
-                call,
-            },
-            Self::PeerLost { peer, lost, call } => Self::PeerLost {
-                peer: g(peer),
-                lost,
-                call,
-            },
-            Self::Broken { peer, reason } => Self::Broken {
-                peer: g(peer),
-                reason,
-            },
+            Self::Timeout { peer, .. }
+            | Self::Size { peer, .. }
+            | Self::Refused { peer, .. }
+            | Self::Broken { peer, .. } => *peer,
         }
     }
+
+    /// The same error with its peer renamed through `map` (an index into a group → a job rank).
+    pub(crate) fn with_peer_map(mut self, map: &[usize]) -> Self {
+        let renamed = map.get(self.peer()).copied();
+        debug_assert!(renamed.is_some(), "peer {} outside the group", self.peer());
+        if let Some(job_rank) = renamed {
+            match &mut self {
+                Self::Timeout { peer, .. }
+                | Self::Size { peer, .. }
+                | Self::Refused { peer, .. }
+                | Self::Broken { peer, .. } => *peer = job_rank,
+            }
+        }
+        self
+    }
+}
+
+/// 16 random bytes from the kernel (a secret published in the store, a socket name).
+pub(crate) fn random_secret() -> std::io::Result<[u8; 16]> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Tagged point-to-point messages between the ranks of one communicator.
@@ -142,14 +110,17 @@ pub trait Transport: Send + Sync {
     fn host_of(&self, rank: usize) -> usize {
         rank
     }
-    /// Sends `send` (if any) to its peer and receives from another peer into `recv` (if any),
-    /// both at once, so that a ring step never waits on itself.
+    /// Sends `send` (if any) to its peer under `envelope` and receives from another peer into
+    /// `recv` (if any) the message with `envelope`'s tag, both at once, so that a ring step
+    /// never waits on itself. Every header that arrives from the receive's peer meanwhile is
+    /// judged by `screen`; admitted ones with other tags are kept for their own receive.
     ///
     /// # Errors
     /// [`TransportError`] naming the peer; the communicator must then be rebuilt.
     fn exchange(
         &self,
-        label: Label,
+        envelope: &Envelope,
+        screen: Screen<'_>,
         send: Option<(usize, &[u8])>,
         recv: Option<(usize, &mut [u8])>,
         deadline: Duration,
@@ -164,7 +135,8 @@ pub trait Transport: Send + Sync {
     /// As [`Transport::exchange`].
     fn exchange_fold(
         &self,
-        label: Label,
+        envelope: &Envelope,
+        screen: Screen<'_>,
         send: Option<(usize, &[u8])>,
         recv: Option<Fold<'_>>,
         deadline: Duration,
@@ -175,11 +147,17 @@ pub trait Transport: Send + Sync {
                 scratch,
                 fold,
             }) => {
-                self.exchange(label, send, Some((peer, &mut *scratch)), deadline)?;
+                self.exchange(
+                    envelope,
+                    screen,
+                    send,
+                    Some((peer, &mut *scratch)),
+                    deadline,
+                )?;
                 fold(scratch);
                 Ok(())
             }
-            None => self.exchange(label, send, None, deadline),
+            None => self.exchange(envelope, screen, send, None, deadline),
         }
     }
 }
@@ -203,8 +181,8 @@ impl std::fmt::Debug for Fold<'_> {
     }
 }
 
-/// The transport a communicator picked: shared memory when all its ranks share a host (and
-/// network namespace), shared memory within hosts and TCP across them when a host holds several
+/// The transport a communicator picked: shared memory when all its ranks share a host (kernel,
+/// network namespace and user), shared memory within hosts and TCP across them when a host holds several
 /// ranks, TCP otherwise; `FERRUN_TRANSPORT=tcp|shm` forces one.
 #[derive(Debug)]
 pub enum Auto {
@@ -254,83 +232,31 @@ impl Transport for Auto {
 
     fn exchange(
         &self,
-        label: Label,
+        envelope: &Envelope,
+        screen: Screen<'_>,
         send: Option<(usize, &[u8])>,
         recv: Option<(usize, &mut [u8])>,
         deadline: Duration,
     ) -> Result<(), TransportError> {
         match self {
-            Self::Shm(t) => t.exchange(label, send, recv, deadline),
-            Self::Tcp(t) => t.exchange(label, send, recv, deadline),
-            Self::Mixed(t) => t.exchange(label, send, recv, deadline),
+            Self::Shm(t) => t.exchange(envelope, screen, send, recv, deadline),
+            Self::Tcp(t) => t.exchange(envelope, screen, send, recv, deadline),
+            Self::Mixed(t) => t.exchange(envelope, screen, send, recv, deadline),
         }
     }
 
     fn exchange_fold(
         &self,
-        label: Label,
+        envelope: &Envelope,
+        screen: Screen<'_>,
         send: Option<(usize, &[u8])>,
         recv: Option<Fold<'_>>,
         deadline: Duration,
     ) -> Result<(), TransportError> {
         match self {
-            Self::Shm(t) => t.exchange_fold(label, send, recv, deadline),
-            Self::Tcp(t) => t.exchange_fold(label, send, recv, deadline),
-            Self::Mixed(t) => t.exchange_fold(label, send, recv, deadline),
+            Self::Shm(t) => t.exchange_fold(envelope, screen, send, recv, deadline),
+            Self::Tcp(t) => t.exchange_fold(envelope, screen, send, recv, deadline),
+            Self::Mixed(t) => t.exchange_fold(envelope, screen, send, recv, deadline),
         }
     }
-}
-
-/// How a frame that arrived relates to the one awaited.
-#[derive(Debug)]
-pub(crate) enum Arrival {
-    /// It is the awaited message.
-    Awaited,
-    /// It belongs to another tag: keep it for its own receive.
-    Other,
-}
-
-/// Classifies a frame from `peer` labelled `theirs` for a receive awaiting `ours`.
-///
-/// # Errors
-/// [`TransportError::Mismatch`] when the same collective number carries another call, or when
-/// the peer is already at a later collective (messages between two ranks keep their order, so
-/// it will never send the awaited one).
-pub(crate) fn classify(
-    peer: usize,
-    ours: &Label,
-    theirs: &Label,
-) -> Result<Arrival, TransportError> {
-    let same_comm = theirs.comm() == ours.comm();
-    if let (Some(lost), true) = (theirs.lost_rank(), same_comm) {
-        return Err(TransportError::PeerLost {
-            peer,
-            lost,
-            call: theirs.call,
-        });
-    }
-    if theirs.is_abort() && same_comm {
-        return Err(TransportError::Aborted {
-            peer,
-            call: theirs.call,
-        });
-    }
-    let mismatch = || TransportError::Mismatch {
-        peer,
-        seq: ours.seq(),
-        ours: ours.call,
-        their_seq: theirs.seq(),
-        theirs: theirs.call,
-    };
-    if theirs.tag == ours.tag {
-        return if theirs.call == ours.call {
-            Ok(Arrival::Awaited)
-        } else {
-            Err(mismatch())
-        };
-    }
-    if ours.is_collective() && theirs.is_collective() && same_comm && theirs.seq() > ours.seq() {
-        return Err(mismatch());
-    }
-    Ok(Arrival::Other)
 }

@@ -7,8 +7,15 @@
 //!
 //! # Bootstrap
 //! Every rank listens on an ephemeral port of the address its store connection uses (the
-//! interface that reaches the master), publishes `addr/<rank>`, then connects to every lower
-//! rank and accepts every higher one; a connection opens with the connecting rank's number.
+//! interface that reaches the master), publishes `addr/<rank>` with a random secret, then
+//! connects to every lower rank and accepts every higher one; a connection opens with a
+//! greeting that carries the listener's secret and the connecting rank's number.
+//!
+//! # Trust
+//! The store is trusted (it is the job's root of trust: whoever can write it can point ranks
+//! anywhere). Peers are not: a connection without the secret is dropped without failing the
+//! job, frame lengths are checked before anything is allocated (see [`super::frame`]), and a
+//! peer that breaks the framing breaks only its own link, named in the error.
 
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -16,8 +23,8 @@ use std::os::fd::AsRawFd;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::label::{accept, frame_header, parse_frame_header, Stash, FRAME_HEADER};
-use super::{Label, Transport, TransportError};
+use super::frame::{Inbox, Receive, Send, Source, Target};
+use super::{Envelope, Screen, Transport, TransportError};
 use crate::store::{StoreClient, StoreError};
 
 /// Why the mesh could not be built.
@@ -40,7 +47,9 @@ pub enum BootstrapError {
 struct Link {
     stream: TcpStream,
     /// Frames already read whose tag no receive has asked for yet.
-    early: Stash,
+    inbox: Inbox,
+    /// Why no frame can be sent on it any more (an earlier one stopped halfway).
+    unsendable: Option<String>,
 }
 
 /// One rank's end of a TCP full mesh.
@@ -52,8 +61,16 @@ pub struct TcpTransport {
     links: Vec<Option<Mutex<Link>>>,
 }
 
+/// A greeting: [`GREETING_MAGIC`], the listener's secret, the connecting rank.
+const GREETING: usize = 8 + 16 + 8;
+const GREETING_MAGIC: &[u8; 8] = b"ferrun\x00\x01";
+/// How long one connection may take to greet before it is dropped (the mesh waits on).
+const GREETING_WITHIN: Duration = Duration::from_secs(5);
+
 impl TcpTransport {
-    /// Builds the mesh: publishes this rank's address under `store` and connects to every peer.
+    /// Builds the mesh: publishes this rank's address and a secret under `store` and connects
+    /// to every peer. A connection that does not greet with the secret (a port scan, a stray or
+    /// foreign process) is dropped and the mesh waits on for the ranks of this job.
     ///
     /// # Errors
     /// [`BootstrapError`] naming the store or socket operation that failed.
@@ -72,46 +89,59 @@ impl TcpTransport {
         let addr = listener
             .local_addr()
             .map_err(io("read the listener's address".into()))?;
+        let secret = super::random_secret().map_err(io("read /dev/urandom".into()))?;
         store
-            .set(&format!("addr/{rank}"), addr.to_string().as_bytes())
+            .set(
+                &format!("addr/{rank}"),
+                format!("{addr} {}", hex(&secret)).as_bytes(),
+            )
             .await?;
         let mut links: Vec<Option<Mutex<Link>>> = (0..size).map(|_| None).collect();
         for (peer, slot) in links.iter_mut().enumerate().take(rank) {
-            let text =
-                String::from_utf8_lossy(&store.get(&format!("addr/{peer}")).await?).into_owned();
-            let peer_addr: SocketAddr = text.parse().map_err(|_| BootstrapError::Io {
-                what: format!("parse rank {peer}'s address {text:?}"),
-                source: ErrorKind::InvalidData.into(),
-            })?;
+            let published = store.get(&format!("addr/{peer}")).await?;
+            let (peer_addr, peer_secret) =
+                parse_published(&published).ok_or_else(|| BootstrapError::Io {
+                    what: format!(
+                        "parse rank {peer}'s address {:?} from the store",
+                        String::from_utf8_lossy(&published)
+                    ),
+                    source: ErrorKind::InvalidData.into(),
+                })?;
             let mut stream = TcpStream::connect_timeout(&peer_addr, timeout)
                 .map_err(io(format!("connect to rank {peer} at {peer_addr}")))?;
+            let mut hello = [0u8; GREETING];
+            hello[..8].copy_from_slice(GREETING_MAGIC);
+            hello[8..24].copy_from_slice(&peer_secret);
+            hello[24..].copy_from_slice(&(rank as u64).to_le_bytes());
             stream
-                .write_all(&(rank as u64).to_le_bytes())
+                .write_all(&hello)
                 .map_err(io(format!("greet rank {peer}")))?;
             *slot = Some(Mutex::new(
                 Link::new(stream).map_err(io(format!("set up the link to rank {peer}")))?,
             ));
         }
-        for _ in rank + 1..size {
-            let (mut stream, from) = accept_within(&listener, timeout)
-                .map_err(io(format!("accept the ranks above {rank}")))?;
-            let mut hello = [0u8; 8];
-            stream
-                .set_read_timeout(Some(timeout))
-                .map_err(io("configure a link".into()))?;
-            stream
-                .read_exact(&mut hello)
-                .map_err(io(format!("read the greeting from {from}")))?;
-            let peer = u64::from_le_bytes(hello) as usize;
-            if peer <= rank || peer >= size || links[peer].is_some() {
-                return Err(BootstrapError::Io {
-                    what: format!("accept {from}: it claims to be rank {peer}"),
-                    source: ErrorKind::InvalidData.into(),
-                });
+        let until = Instant::now() + timeout;
+        let mut missing = size - rank - 1;
+        while missing > 0 {
+            let left = until.saturating_duration_since(Instant::now());
+            let waiting: Vec<usize> = (rank + 1..size).filter(|&p| links[p].is_none()).collect();
+            let (mut stream, from) = accept_within(&listener, left)
+                .map_err(io(format!("accept ranks {waiting:?} (of {size})")))?;
+            match greeting(&mut stream, left.min(GREETING_WITHIN), &secret) {
+                Ok(peer) if peer > rank && peer < size && links[peer].is_none() => {
+                    links[peer] = Some(Mutex::new(
+                        Link::new(stream).map_err(io(format!("set up the link to rank {peer}")))?,
+                    ));
+                    missing -= 1;
+                }
+                Ok(peer) => tracing::warn!(
+                    "dropped a connection from {from} claiming rank {peer}: not a rank this one \
+                     accepts (ranks above {rank} of {size}, once each)"
+                ),
+                Err(e) => tracing::warn!(
+                    "dropped a connection from {from} that is not a rank of this job: {e}"
+                ),
             }
-            links[peer] = Some(Mutex::new(
-                Link::new(stream).map_err(io(format!("set up the link to rank {peer}")))?,
-            ));
         }
         Ok(Self { rank, size, links })
     }
@@ -129,6 +159,41 @@ impl TcpTransport {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
+}
+
+/// Reads a connection's greeting: the rank it claims, if it knows this listener's secret.
+fn greeting(stream: &mut TcpStream, within: Duration, secret: &[u8; 16]) -> std::io::Result<usize> {
+    stream.set_read_timeout(Some(within.max(Duration::from_millis(1))))?;
+    let mut hello = [0u8; GREETING];
+    stream.read_exact(&mut hello)?;
+    if &hello[..8] != GREETING_MAGIC || hello[8..24] != secret[..] {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            "its greeting lacks this job's secret",
+        ));
+    }
+    let mut rank = [0u8; 8];
+    rank.copy_from_slice(&hello[24..]);
+    usize::try_from(u64::from_le_bytes(rank))
+        .map_err(|_| std::io::Error::new(ErrorKind::InvalidData, "rank out of range"))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `"<addr> <32 hex digits>"` as a rank published it.
+fn parse_published(value: &[u8]) -> Option<(SocketAddr, [u8; 16])> {
+    let text = std::str::from_utf8(value).ok()?;
+    let (addr, secret) = text.split_once(' ')?;
+    let mut out = [0u8; 16];
+    if secret.len() != 32 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(secret.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some((addr.parse().ok()?, out))
 }
 
 fn accept_within(
@@ -187,7 +252,8 @@ impl Link {
         stream.set_nonblocking(true)?;
         Ok(Self {
             stream,
-            early: Stash::default(),
+            inbox: Inbox::default(),
+            unsendable: None,
         })
     }
 }
@@ -211,46 +277,29 @@ fn poll_one(fd: i32, events: libc::c_short, left: Duration) -> std::io::Result<(
     Ok(())
 }
 
-/// The frame being read from a peer.
-enum Current {
-    /// A frame for the awaited tag: its payload goes straight into the receive buffer.
-    Direct { filled: usize },
-    /// A frame for another tag: kept until its own receive asks for it.
-    Early {
-        label: Label,
-        buf: Vec<u8>,
-        filled: usize,
-    },
+/// A socket read without waiting: what has arrived, 0 when nothing has.
+struct Socket<'a> {
+    stream: &'a mut TcpStream,
+    peer: usize,
 }
 
-/// Progress of one receive: the frame header, then the payload.
-struct Receiving<'a> {
-    peer: usize,
-    label: Label,
-    out: &'a mut [u8],
-    header: [u8; FRAME_HEADER],
-    got_header: usize,
-    current: Option<Current>,
-    done: bool,
-}
-
-/// A read that made progress (`Some(n)`), had nothing to read (`None`), or failed.
-fn read_into(
-    stream: &mut TcpStream,
-    peer: usize,
-    buf: &mut [u8],
-) -> Result<Option<usize>, TransportError> {
-    loop {
-        return match stream.read(buf) {
-            Ok(0) if !buf.is_empty() => Err(TransportError::Broken {
-                peer,
-                reason: "connection closed (the process is gone)".into(),
-            }),
-            Ok(n) => Ok(Some(n)),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(None),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => Err(TcpTransport::fail(peer, &e)),
-        };
+impl Source for Socket<'_> {
+    fn read(&mut self, out: &mut [u8]) -> Result<usize, TransportError> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            return match self.stream.read(out) {
+                Ok(0) => Err(TransportError::Broken {
+                    peer: self.peer,
+                    reason: "connection closed (the process is gone)".into(),
+                }),
+                Ok(n) => Ok(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(0),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => Err(TcpTransport::fail(self.peer, &e)),
+            };
+        }
     }
 }
 
@@ -262,88 +311,39 @@ impl TcpTransport {
         }
     }
 
-    /// Reads what is available; completes `r` when a frame with its tag is whole.
-    fn read_some(link: &mut Link, r: &mut Receiving<'_>) -> Result<(), TransportError> {
-        loop {
-            if r.current.is_none() {
-                if link.early.deliver(r.peer, &r.label, r.out)? {
-                    r.done = true;
-                    return Ok(());
-                }
-                let Some(n) = read_into(&mut link.stream, r.peer, &mut r.header[r.got_header..])?
-                else {
-                    return Ok(());
-                };
-                r.got_header += n;
-                if r.got_header < FRAME_HEADER {
-                    continue;
-                }
-                r.got_header = 0;
-                let (theirs, len) = parse_frame_header(&r.header);
-                r.current = Some(if accept(r.peer, &r.label, r.out.len(), &theirs, len)? {
-                    Current::Direct { filled: 0 }
-                } else {
-                    Current::Early {
-                        label: theirs,
-                        buf: vec![0u8; len],
-                        filled: 0,
-                    }
-                });
-            }
-            match r.current.as_mut() {
-                Some(Current::Direct { filled }) => {
-                    while *filled < r.out.len() {
-                        let Some(n) = read_into(&mut link.stream, r.peer, &mut r.out[*filled..])?
-                        else {
-                            return Ok(());
-                        };
-                        *filled += n;
-                    }
-                    r.current = None;
-                    r.done = true;
-                    return Ok(());
-                }
-                Some(Current::Early { label, buf, filled }) => {
-                    while *filled < buf.len() {
-                        let Some(n) = read_into(&mut link.stream, r.peer, &mut buf[*filled..])?
-                        else {
-                            return Ok(());
-                        };
-                        *filled += n;
-                    }
-                    let (label, buf) = (*label, std::mem::take(buf));
-                    link.early.keep(label, buf);
-                    r.current = None;
-                }
-                None => {}
-            }
+    /// Writes what the socket takes of the frame.
+    fn write_some(link: &mut Link, s: &mut Send<'_>) -> Result<(), TransportError> {
+        if let Some(reason) = &link.unsendable {
+            return Err(TransportError::Broken {
+                peer: s.peer,
+                reason: reason.clone(),
+            });
         }
-    }
-
-    /// Writes what the socket takes of `header` then `payload`, from `written` on.
-    fn write_some(
-        link: &mut Link,
-        peer: usize,
-        header: &[u8; FRAME_HEADER],
-        payload: &[u8],
-        written: &mut usize,
-    ) -> Result<(), TransportError> {
-        let total = FRAME_HEADER + payload.len();
-        while *written < total {
-            let result = if *written < FRAME_HEADER {
-                let parts = [IoSlice::new(&header[*written..]), IoSlice::new(payload)];
-                link.stream.write_vectored(&parts)
+        while !s.done() {
+            let [a, b] = s.rest();
+            let result = if a.is_empty() {
+                link.stream.write(b)
             } else {
-                link.stream.write(&payload[*written - FRAME_HEADER..])
+                link.stream
+                    .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
             };
             match result {
-                Ok(n) => *written += n,
+                Ok(n) => s.written += n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(Self::fail(peer, &e)),
+                Err(e) => return Err(Self::fail(s.peer, &e)),
             }
         }
         Ok(())
+    }
+
+    fn read_some(link: &mut Link, r: &mut Receive<'_, '_>) -> Result<(), TransportError> {
+        let Link { stream, inbox, .. } = link;
+        let mut socket = Socket {
+            stream,
+            peer: r.peer,
+        };
+        r.poll(&mut socket, inbox).map(drop)
     }
 }
 
@@ -356,73 +356,91 @@ impl Transport for TcpTransport {
         self.size
     }
 
-    #[allow(unsafe_code)]
     fn exchange(
         &self,
-        label: Label,
+        envelope: &Envelope,
+        screen: Screen<'_>,
         send: Option<(usize, &[u8])>,
         recv: Option<(usize, &mut [u8])>,
         deadline: Duration,
     ) -> Result<(), TransportError> {
+        let mut sending = send.map(|(peer, payload)| Send::new(peer, envelope, payload));
+        let mut receiving =
+            recv.map(|(peer, out)| Receive::new(peer, envelope.tag, screen, Target::Buffer(out)));
+        let result = self.drive(&mut sending, &mut receiving, deadline);
+        // A frame given up halfway leaves its stream unusable: say so to whoever uses it next.
+        if let Some(s) = sending.filter(|s| s.mid_frame()) {
+            if let Ok(mut link) = self.link(s.peer) {
+                link.unsendable.get_or_insert_with(|| {
+                    format!("an earlier send to rank {} stopped inside a frame; rebuild the communicator", s.peer)
+                });
+            }
+        }
+        if let Some(r) = receiving {
+            if let Ok(mut link) = self.link(r.peer) {
+                r.end(&mut link.inbox);
+            }
+        }
+        result
+    }
+}
+
+impl TcpTransport {
+    /// Moves both halves of an exchange until both are done or the deadline passes.
+    #[allow(unsafe_code)]
+    fn drive(
+        &self,
+        sending: &mut Option<Send<'_>>,
+        receiving: &mut Option<Receive<'_, '_>>,
+        deadline: Duration,
+    ) -> Result<(), TransportError> {
         let until = Instant::now() + deadline;
-        let (send_peer, payload) = send.map_or((None, &[][..]), |(p, b)| (Some(p), b));
-        let header = frame_header(&label, payload.len());
-        let mut written = 0usize;
-        let total = FRAME_HEADER + payload.len();
-        let mut receiving = recv.map(|(peer, out)| Receiving {
-            peer,
-            label,
-            out,
-            header: [0; FRAME_HEADER],
-            got_header: 0,
-            current: None,
-            done: false,
-        });
         // A send to and a receive from the same peer share its link: lock it once.
-        let same = matches!((send_peer, &receiving), (Some(s), Some(r)) if s == r.peer);
+        let same = matches!((&*sending, &*receiving), (Some(s), Some(r)) if s.peer == r.peer);
         loop {
-            if let Some(peer) = send_peer.filter(|_| written < total) {
-                let mut link = self.link(peer)?;
-                Self::write_some(&mut link, peer, &header, payload, &mut written)?;
+            if let Some(s) = sending.as_mut().filter(|s| !s.done()) {
+                let mut link = self.link(s.peer)?;
+                let sent = Self::write_some(&mut link, s);
                 if same {
-                    if let Some(r) = receiving.as_mut().filter(|r| !r.done) {
+                    if let Some(r) = receiving.as_mut().filter(|r| !r.done()) {
+                        // What the peer sent before the link broke may say why it went.
                         Self::read_some(&mut link, r)?;
                     }
                 }
+                sent?;
             }
+            let send_done = sending.as_ref().is_none_or(Send::done);
             if let Some(r) = receiving
                 .as_mut()
-                .filter(|r| !(r.done || (same && written < total)))
+                .filter(|r| !(r.done() || (same && !send_done)))
             {
                 let mut link = self.link(r.peer)?;
                 Self::read_some(&mut link, r)?;
             }
-            let send_done = send_peer.is_none() || written == total;
-            let recv_done = receiving.as_ref().is_none_or(|r| r.done);
+            let recv_done = receiving.as_ref().is_none_or(Receive::done);
             if send_done && recv_done {
                 return Ok(());
             }
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let peer = if recv_done {
-                    send_peer.unwrap_or(0)
-                } else {
-                    receiving.map_or(0, |r| r.peer)
-                };
+                let awaited = receiving.as_ref().filter(|r| !r.done()).map(|r| r.peer);
+                let feeding = sending.as_ref().filter(|s| !s.done()).map(|s| s.peer);
+                let peer = awaited.or(feeding);
+                debug_assert!(peer.is_some(), "an unfinished exchange has a peer");
                 return Err(TransportError::Timeout {
-                    peer,
+                    peer: peer.unwrap_or(self.rank),
                     after: deadline,
                 });
             }
             let mut fds = Vec::with_capacity(2);
-            if let (false, Some(peer)) = (send_done, send_peer) {
+            if let Some(s) = sending.as_ref().filter(|s| !s.done()) {
                 fds.push(libc::pollfd {
-                    fd: self.link(peer)?.stream.as_raw_fd(),
+                    fd: self.link(s.peer)?.stream.as_raw_fd(),
                     events: libc::POLLOUT,
                     revents: 0,
                 });
             }
-            if let (false, Some(r)) = (recv_done, receiving.as_ref()) {
+            if let Some(r) = receiving.as_ref().filter(|r| !r.done()) {
                 fds.push(libc::pollfd {
                     fd: self.link(r.peer)?.stream.as_raw_fd(),
                     events: libc::POLLIN,

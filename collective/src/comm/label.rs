@@ -1,23 +1,23 @@
 //! What every message carries besides its bytes: which collective it belongs to (a sequence
 //! number every rank counts alike) and what was called (op, dtype, count, reduction, root).
-//! A receiver compares the sender's call with its own, so ranks that call different
-//! collectives get an error naming both calls instead of a hang or garbage.
+//! A receiver compares the sender's call with its own ([`classify`], the receive's screen),
+//! so ranks that call different collectives get an error naming both calls instead of a hang
+//! or garbage. Transports carry a label as an opaque [`Envelope`].
 
-use std::collections::{HashMap, VecDeque};
 use std::fmt;
 
-use super::{classify, Arrival, TransportError};
 use crate::reduce::{DType, ReduceOp};
+use crate::transport::Envelope;
 
 /// Tags with this bit belong to user `send`/`recv`; without it, to collectives.
-pub const USER_TAG: u64 = 1 << 63;
+pub(super) const USER_TAG: u64 = 1 << 63;
 /// Bits 32..63 of a tag: the communicator (0 for the first; sub-communicators get their own).
 const COMM_SHIFT: u32 = 32;
 const COMM_MASK: u64 = (1 << 31) - 1;
 const LOW: u64 = u32::MAX as u64;
 /// The sequence number of the message a rank sends its peers when it gives up on a collective
 /// because the ranks disagree, so that none of them waits for it until the deadline.
-pub const ABORT_SEQ: u64 = LOW;
+pub(super) const ABORT_SEQ: u64 = LOW;
 /// Sequence numbers just below [`ABORT_SEQ`] say "I lost rank `LOST_BASE - seq`": a rank that
 /// finds a peer gone tells the others, so that each names the dead rank, not a neighbour that
 /// gave up first.
@@ -136,7 +136,7 @@ impl Label {
 }
 
 /// Bytes of an encoded call.
-pub const CALL_BYTES: usize = 16;
+pub(super) const CALL_BYTES: usize = crate::transport::frame::META;
 
 const KINDS: [Kind; 8] = [
     Kind::AllReduce,
@@ -233,106 +233,60 @@ impl fmt::Display for Call {
     }
 }
 
-/// Bytes of a frame header on a byte stream: tag, payload length, call.
-pub(crate) const FRAME_HEADER: usize = 16 + CALL_BYTES;
-
-/// The header of a frame carrying `len` bytes under `label`.
-pub(crate) fn frame_header(label: &Label, len: usize) -> [u8; FRAME_HEADER] {
-    let mut h = [0u8; FRAME_HEADER];
-    h[..8].copy_from_slice(&label.tag.to_le_bytes());
-    h[8..16].copy_from_slice(&(len as u64).to_le_bytes());
-    h[16..].copy_from_slice(&label.call.encode());
-    h
-}
-
-/// A frame header's label and payload length.
-pub(crate) fn parse_frame_header(h: &[u8; FRAME_HEADER]) -> (Label, usize) {
-    let word = |at: usize| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&h[at..at + 8]);
-        u64::from_le_bytes(b)
-    };
-    let mut call = [0u8; CALL_BYTES];
-    call.copy_from_slice(&h[16..]);
-    (
-        Label {
-            tag: word(0),
-            call: Call::decode(&call),
-        },
-        word(8) as usize,
-    )
-}
-
-/// What to do with a frame whose header just arrived for a receive awaiting `awaited` into a
-/// buffer of `expected` bytes: `true` to read it into that buffer, `false` to keep it aside.
-///
-/// # Errors
-/// A mismatched call, or the awaited frame with another size.
-pub(crate) fn accept(
-    peer: usize,
-    awaited: &Label,
-    expected: usize,
-    theirs: &Label,
-    len: usize,
-) -> Result<bool, TransportError> {
-    match classify(peer, awaited, theirs)? {
-        Arrival::Awaited if len != expected => Err(TransportError::Size {
-            peer,
-            expected,
-            got: len,
-        }),
-        Arrival::Awaited => Ok(true),
-        Arrival::Other => Ok(false),
-    }
-}
-
-/// Frames that arrived before the receive that wants them (another tag).
-#[derive(Debug, Default)]
-pub(crate) struct Stash(HashMap<u64, VecDeque<(Label, Vec<u8>)>>);
-
-impl Stash {
-    /// Keeps a whole frame for later.
-    pub(crate) fn keep(&mut self, label: Label, payload: Vec<u8>) {
-        self.0
-            .entry(label.tag)
-            .or_default()
-            .push_back((label, payload));
-    }
-
-    /// Delivers a kept frame for `awaited` into `out`; whether there was one.
-    ///
-    /// # Errors
-    /// As [`accept`].
-    pub(crate) fn deliver(
-        &mut self,
-        peer: usize,
-        awaited: &Label,
-        out: &mut [u8],
-    ) -> Result<bool, TransportError> {
-        let payload = self.take(peer, awaited, out.len())?;
-        if let Some(payload) = &payload {
-            out.copy_from_slice(payload);
+impl Label {
+    /// The envelope transports carry: the tag, and the call as opaque bytes.
+    pub fn envelope(&self) -> Envelope {
+        Envelope {
+            tag: self.tag,
+            meta: self.call.encode(),
         }
-        Ok(payload.is_some())
     }
 
-    /// The kept payload of a frame for `awaited` (`expected` bytes), if one came early.
-    ///
-    /// # Errors
-    /// As [`accept`].
-    pub(crate) fn take(
-        &mut self,
-        peer: usize,
-        awaited: &Label,
-        expected: usize,
-    ) -> Result<Option<Vec<u8>>, TransportError> {
-        let Some((label, payload)) = self.0.get_mut(&awaited.tag).and_then(VecDeque::pop_front)
-        else {
-            return Ok(None);
-        };
-        accept(peer, awaited, expected, &label, payload.len())?;
-        Ok(Some(payload))
+    /// The label an envelope carries.
+    pub fn of(envelope: &Envelope) -> Self {
+        Self {
+            tag: envelope.tag,
+            call: Call::decode(&envelope.meta),
+        }
     }
+}
+
+/// What a message from a peer means for a receive awaiting `ours`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arrival {
+    /// The awaited message (same tag, same call).
+    Awaited,
+    /// Another tag's: kept for its own receive.
+    Other,
+    /// The same collective number with another call, or the peer already at a later
+    /// collective (messages between two ranks keep their order, so the awaited one never comes).
+    Mismatch,
+    /// The peer gave up on the collective because the ranks disagree.
+    Aborted,
+    /// The peer lost its link to this rank.
+    Lost(usize),
+}
+
+/// Classifies a message labelled `theirs` for a receive awaiting `ours`.
+pub(crate) fn classify(ours: &Label, theirs: &Label) -> Arrival {
+    let same_comm = theirs.comm() == ours.comm();
+    if let (Some(lost), true) = (theirs.lost_rank(), same_comm) {
+        return Arrival::Lost(lost);
+    }
+    if theirs.is_abort() && same_comm {
+        return Arrival::Aborted;
+    }
+    if theirs.tag == ours.tag {
+        return if theirs.call == ours.call {
+            Arrival::Awaited
+        } else {
+            Arrival::Mismatch
+        };
+    }
+    if ours.is_collective() && theirs.is_collective() && same_comm && theirs.seq() > ours.seq() {
+        return Arrival::Mismatch;
+    }
+    Arrival::Other
 }
 
 #[cfg(test)]
