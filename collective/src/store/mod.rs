@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`wire`]: opcodes and field encoding of torch 2.13's protocol.
+//! - [`request`]: the server's request parser, without I/O (bounded, fuzzed).
 //! - [`server`]: the server (its own thread; waits are wake-ups, not polls).
 //! - [`client`]: the client, with `PrefixStore`-style namespacing.
 
@@ -14,11 +15,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub mod client;
+pub mod request;
 pub mod server;
 pub mod wire;
 
 pub use client::StoreClient;
-pub use server::StoreServer;
+pub use server::{Limits, StoreServer};
 
 /// What went wrong with the store, naming the address involved.
 #[derive(Debug, thiserror::Error)]

@@ -8,20 +8,83 @@
 //! - Serving runs on its own thread and runtime, so a busy launcher never stalls the workers'
 //!   store.
 //!
+//! - Bounded: requests are parsed from what has arrived ([`super::request`]), so a declared
+//!   length allocates nothing; the connections' buffers together stay under
+//!   [`Limits::memory`], connections under [`Limits::max_connections`]; a client that stalls
+//!   inside a request or before its handshake is dropped after [`Limits::stall`]; running out
+//!   of file descriptors pauses accepting (logged once) instead of spinning.
+//!
+//! # Trust
+//! Anyone who reaches the port can read and write every key: the store has no authentication,
+//! like torch's. It binds what the job needs (loopback for one node), and trusts no length,
+//! count or opcode a client sends.
+//!
 //! # Caveats
 //! A connection that breaks the protocol (bad magic, unknown opcode, oversized field) is
-//! dropped, as torch's server does; the others are unaffected.
+//! dropped, as torch's server does; the others are unaffected. Stored values are not capped
+//! beyond the protocol's per-value limit.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::io::{AsyncReadExt, BufReader, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use super::wire::{self, Op};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Semaphore};
+
+use super::request::{self, Parsed, Request};
+use super::wire;
 use super::StoreError;
+
+/// What one server may hold at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Bytes all connections may buffer together (requests not yet whole); a connection that
+    /// would go past it is dropped, with a log line.
+    pub memory: usize,
+    /// How long a client may send nothing before its handshake or inside a request before it
+    /// is dropped (between requests it may stay idle: torch's clients do).
+    pub stall: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: connection_cap(),
+            memory: 1 << 30,
+            stall: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The connection cap: below the descriptor limit, leaving room for the launcher's own.
+fn connection_cap() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    usize::try_from(soft.saturating_sub(64)).unwrap_or(usize::MAX).clamp(16, 1 << 16)
+}
+
+/// Raises this process's soft limit on open files to its hard limit (a store serves a
+/// connection per worker and agent); the limit in force after.
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Ok((soft, _)) => soft,
+        Err(_) => 0,
+    }
+}
 
 #[derive(Debug, Default)]
 struct State {
@@ -148,9 +211,11 @@ impl State {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
+    /// Bytes buffered by all connections together.
+    budget: Budget,
 }
 
 impl Shared {
@@ -178,6 +243,14 @@ impl StoreServer {
     /// # Errors
     /// [`StoreError::AddrInUse`] when the port is taken, [`StoreError::Bind`] otherwise.
     pub fn bind(addr: SocketAddr) -> Result<Self, StoreError> {
+        Self::bind_with(addr, Limits::default())
+    }
+
+    /// As [`StoreServer::bind`], with other limits.
+    ///
+    /// # Errors
+    /// As [`StoreServer::bind`].
+    pub fn bind_with(addr: SocketAddr, limits: Limits) -> Result<Self, StoreError> {
         let listener = StdListener::bind(addr).map_err(|source| match source.kind() {
             std::io::ErrorKind::AddrInUse => StoreError::AddrInUse { addr },
             _ => StoreError::Bind { addr, source },
@@ -188,7 +261,10 @@ impl StoreServer {
         let local = listener
             .local_addr()
             .map_err(|source| StoreError::Bind { addr, source })?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            state: Mutex::default(),
+            budget: Budget::new(limits.memory),
+        });
         let (stop, stopped) = oneshot::channel();
         let serving = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -198,7 +274,7 @@ impl StoreServer {
                     .enable_all()
                     .build();
                 match runtime {
-                    Ok(rt) => rt.block_on(serve(listener, serving, stopped)),
+                    Ok(rt) => rt.block_on(serve(listener, serving, limits, stopped)),
                     Err(e) => tracing::error!("store server cannot start its runtime: {e}"),
                 }
             })
@@ -247,6 +323,11 @@ impl StoreServer {
         self.shared.lock().data.len()
     }
 
+    /// Bytes the connections buffer now (requests not yet whole), under [`Limits::memory`].
+    pub fn buffered_bytes(&self) -> usize {
+        self.shared.budget.used.load(Ordering::Acquire)
+    }
+
     /// Whether the store holds no key.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -264,204 +345,380 @@ impl Drop for StoreServer {
     }
 }
 
-async fn serve(listener: StdListener, shared: Arc<Shared>, mut stopped: oneshot::Receiver<()>) {
+async fn serve(
+    listener: StdListener,
+    shared: Arc<Shared>,
+    limits: Limits,
+    mut stopped: oneshot::Receiver<()>,
+) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => return tracing::error!("store server cannot listen: {e}"),
     };
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut full_logged = false;
+    let mut refused = 0u64;
     loop {
-        tokio::select! {
-            _ = &mut stopped => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let shared = Arc::clone(&shared);
-                    tokio::spawn(async move {
-                        if let Err(e) = connection(stream, &shared).await {
-                            tracing::debug!("store connection from {peer} closed: {e}");
-                        }
-                    });
+        // A slot first: at the cap, new clients wait in the kernel's backlog.
+        let slot = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if !full_logged {
+                    tracing::warn!(
+                        "store server: {} connections open, the most it serves; new clients wait \
+                         until one closes",
+                        limits.max_connections
+                    );
+                    full_logged = true;
                 }
-                Err(e) => tracing::warn!("store server accept failed: {e}"),
-            },
-        }
-    }
-}
-
-async fn connection(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
-    let (r, w) = stream.into_split();
-    let mut r = BufReader::new(r);
-    let mut w = BufWriter::new(w);
-    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
-    if r.read_u8().await? != Op::Validate as u8 || r.read_u32_le().await? != wire::MAGIC {
-        return Err(bad("client did not open with the TCPStore handshake".into()));
-    }
-    let mut out = Vec::with_capacity(256);
-    loop {
-        let byte = match r.read_u8().await {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    slot = Arc::clone(&slots).acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => return,
+                    },
+                }
+            }
         };
-        let op = Op::from_byte(byte).ok_or_else(|| bad(format!("unknown opcode {byte}")))?;
-        out.clear();
-        match op {
-            Op::Validate => {
-                if r.read_u32_le().await? != wire::MAGIC {
-                    return Err(bad("bad handshake magic".into()));
+        let accepted = tokio::select! {
+            _ = &mut stopped => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if refused > 0 {
+                    tracing::warn!("store server: accepting again after {refused} failed accepts (out of file descriptors)");
+                    refused = 0;
                 }
-            }
-            Op::Ping => out.extend_from_slice(&r.read_u32_le().await?.to_le_bytes()),
-            Op::Set => {
-                let key = wire::read_key(&mut r).await?;
-                let value = wire::read_bytes(&mut r, wire::MAX_VALUE_LEN).await?;
-                shared.lock().set(key, value);
-            }
-            Op::CompareSet => {
-                let key = wire::read_key(&mut r).await?;
-                let expected = wire::read_bytes(&mut r, wire::MAX_VALUE_LEN).await?;
-                let desired = wire::read_bytes(&mut r, wire::MAX_VALUE_LEN).await?;
-                let current = shared.lock().compare_set(key, expected, desired);
-                wire::put_bytes(&mut out, &current);
-            }
-            Op::Get => {
-                let key = wire::read_key(&mut r).await?;
-                let state = shared.lock();
-                wire::put_bytes(
-                    &mut out,
-                    state.data.get(&key).map_or(&[][..], Vec::as_slice),
-                );
-            }
-            Op::Add => {
-                let key = wire::read_key(&mut r).await?;
-                let delta = r.read_i64_le().await?;
-                let value = shared.lock().add(key, delta).map_err(bad)?;
-                out.extend_from_slice(&value.to_le_bytes());
-            }
-            Op::Check => {
-                let keys = wire::read_keys(&mut r).await?;
-                let state = shared.lock();
-                let ready = keys.iter().all(|k| state.present(k));
-                out.push(if ready {
-                    wire::CHECK_READY
-                } else {
-                    wire::CHECK_NOT_READY
+                full_logged = false;
+                let _ = stream.set_nodelay(true);
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    if let Err(e) = connection(stream, &shared, &limits).await {
+                        tracing::debug!("store connection from {peer} closed: {e}");
+                    }
                 });
             }
-            Op::Wait => {
-                let keys = wire::read_keys(&mut r).await?;
-                let pending = shared.lock().wait(&keys);
-                match pending {
-                    None => out.push(wire::STOP_WAITING),
-                    Some((id, woken)) => {
-                        wait_or_cancel(&mut r, &mut out, shared, id, woken).await?
-                    }
-                }
-            }
-            Op::CancelWait => out.push(wire::WAIT_CANCELED),
-            Op::NumKeys => out.extend_from_slice(&(shared.lock().data.len() as i64).to_le_bytes()),
-            Op::DeleteKey => {
-                let key = wire::read_key(&mut r).await?;
-                let deleted = i64::from(shared.lock().data.remove(&key).is_some());
-                out.extend_from_slice(&deleted.to_le_bytes());
-            }
-            Op::Append => {
-                let key = wire::read_key(&mut r).await?;
-                let value = wire::read_bytes(&mut r, wire::MAX_VALUE_LEN).await?;
-                let mut state = shared.lock();
-                state
-                    .data
-                    .entry(key.clone())
-                    .or_default()
-                    .extend_from_slice(&value);
-                state.wake_all(&key);
-            }
-            Op::MultiGet => {
-                let keys = wire::read_keys(&mut r).await?;
-                let state = shared.lock();
-                for key in keys {
-                    wire::put_bytes(
-                        &mut out,
-                        state.data.get(&key).map_or(&[][..], Vec::as_slice),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                // Out of descriptors or memory: accepting again at once would fail again (and
+                // spin). Say so once, then retry as connections close, at most every 100 ms.
+                if refused == 0 {
+                    tracing::warn!(
+                        "store server cannot accept connections: {e}; retrying as connections close \
+                         (raise the limit with `ulimit -n`)"
                     );
                 }
-            }
-            Op::MultiSet => {
-                let count = r.read_u64_le().await?;
-                if count > wire::MAX_KEY_COUNT {
-                    return Err(bad(format!("{count} keys in one MULTI_SET")));
-                }
-                let mut pairs = Vec::with_capacity(count as usize);
-                for _ in 0..count {
-                    pairs.push((
-                        wire::read_key(&mut r).await?,
-                        wire::read_bytes(&mut r, wire::MAX_VALUE_LEN).await?,
-                    ));
-                }
-                let mut state = shared.lock();
-                for (key, value) in pairs {
-                    state.set(key, value);
+                refused += 1;
+                drop(slot);
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
                 }
             }
-            Op::QueuePush => {
-                let key = wire::read_key(&mut r).await?;
-                let value = wire::read_bytes(&mut r, wire::MAX_VALUE_LEN).await?;
-                let mut state = shared.lock();
-                state
-                    .queues
-                    .entry(key.clone())
-                    .or_default()
-                    .push_back(value);
-                state.wake_one(&key);
-            }
-            Op::QueuePop => {
-                let key = wire::read_key(&mut r).await?;
-                let mut state = shared.lock();
-                let queue = state.queues.entry(key).or_default();
-                out.extend_from_slice(&(queue.len() as i64).to_le_bytes());
-                if let Some(value) = queue.pop_front() {
-                    wire::put_bytes(&mut out, &value);
-                }
-            }
-            Op::QueueLen => {
-                let key = wire::read_key(&mut r).await?;
-                let len = shared.lock().queues.get(&key).map_or(0, VecDeque::len);
-                out.extend_from_slice(&(len as i64).to_le_bytes());
-            }
-        }
-        if !out.is_empty() {
-            wire::send(&mut w, &out).await?;
+            // The client gave up before it was accepted (ECONNABORTED and the like).
+            Err(e) => tracing::debug!("store server accept failed: {e}"),
         }
     }
 }
 
-/// A pending `WAIT`: answer `STOP_WAITING` when the keys arrive, or `WAIT_CANCELED` when the
-/// client gives up first (then `STOP_WAITING` too if both happened, which torch's client
-/// expects and skips).
-async fn wait_or_cancel(
-    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-    out: &mut Vec<u8>,
-    shared: &Shared,
-    id: u64,
-    mut woken: oneshot::Receiver<()>,
-) -> std::io::Result<()> {
-    tokio::select! {
-        _ = &mut woken => out.push(wire::STOP_WAITING),
-        // A single-byte read is cancel safe: it completes or consumes nothing.
-        next = r.read_u8() => {
-            shared.lock().cancel(id);
-            let next = next?;
-            if next != Op::CancelWait as u8 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("opcode {next} while a WAIT is pending"),
-                ));
-            }
-            if woken.try_recv().is_ok() {
-                out.push(wire::STOP_WAITING);
-            }
-            out.push(wire::WAIT_CANCELED);
+/// TCP keepalive on a connection, so that the idle connection of a client whose host vanished
+/// is closed by the kernel in the end rather than held forever.
+#[allow(unsafe_code)]
+fn keepalive(stream: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket, a valid pointer to an int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_KEEPALIVE,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Bytes buffered by all connections together, against [`Limits::memory`].
+#[derive(Debug)]
+struct Budget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    fn new(limit: usize) -> Self {
+        Self {
+            used: AtomicUsize::new(0),
+            limit,
         }
     }
-    Ok(())
+
+    fn take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&total| total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// A connection's receive buffer, its capacity counted against the budget.
+struct Inbound<'a> {
+    buf: Vec<u8>,
+    /// Parsed bytes at the front of `buf`.
+    start: usize,
+    counted: usize,
+    budget: &'a Budget,
+}
+
+impl Drop for Inbound<'_> {
+    fn drop(&mut self) {
+        self.budget.give(self.counted);
+    }
+}
+
+/// Bytes a connection reads at most at a time.
+const READ_CHUNK: usize = 256 * 1024;
+
+impl Inbound<'_> {
+    /// Makes room to read towards `need` bytes; `false` when the budget has none.
+    fn room(&mut self, need: usize) -> bool {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let want = need
+            .saturating_sub(self.buf.len())
+            .clamp(4096, READ_CHUNK);
+        if self.buf.capacity() - self.buf.len() < want {
+            let before = self.buf.capacity();
+            let target = self.buf.len() + want;
+            if !self.budget.take(target - before) {
+                return false;
+            }
+            self.buf.reserve_exact(target - self.buf.len());
+            // reserve may round up; count what was taken.
+            let extra = self.buf.capacity().saturating_sub(target);
+            if extra > 0 && !self.budget.take(extra) {
+                self.budget.give(target - before);
+                return false;
+            }
+            self.counted += self.buf.capacity() - before;
+        }
+        true
+    }
+
+    /// Gives back the memory of a buffer that grew for a large request.
+    fn shrink(&mut self) {
+        if self.start == self.buf.len() && self.buf.capacity() > READ_CHUNK {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.budget.give(self.counted);
+            self.counted = 0;
+        }
+    }
+}
+
+async fn connection(stream: TcpStream, shared: &Shared, limits: &Limits) -> std::io::Result<()> {
+    let _ = keepalive(&stream);
+    let (mut r, mut w) = stream.into_split();
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let mut inbound = Inbound {
+        buf: Vec::new(),
+        start: 0,
+        counted: 0,
+        budget: &shared.budget,
+    };
+    let mut out = Vec::with_capacity(256);
+    let mut validated = false;
+    let mut pending: Option<(u64, oneshot::Receiver<()>)> = None;
+    loop {
+        // Every whole request buffered, in order; a pending WAIT holds the rest back.
+        let need = loop {
+            let parsed = request::parse(&inbound.buf[inbound.start..]).map_err(|e| bad(e.to_string()))?;
+            let (request, used) = match parsed {
+                Parsed::Request { request, used } => (request, used),
+                Parsed::Incomplete { need } => break inbound.start + need,
+            };
+            inbound.start += used;
+            if !validated {
+                if !matches!(request, Request::Validate { magic } if magic == wire::MAGIC) {
+                    return Err(bad("client did not open with the TCPStore handshake".into()));
+                }
+                validated = true;
+                continue;
+            }
+            if let Some((id, mut woken)) = pending.take() {
+                if request != Request::CancelWait {
+                    return Err(bad(format!("{request:?} while a WAIT is pending")));
+                }
+                shared.lock().cancel(id);
+                if woken.try_recv().is_ok() {
+                    out.push(wire::STOP_WAITING);
+                }
+                out.push(wire::WAIT_CANCELED);
+                continue;
+            }
+            pending = handle(request, shared, &mut out).map_err(bad)?;
+            if pending.is_some() {
+                // Only a CANCEL_WAIT may follow; it is read when it comes.
+                break inbound.buf.len() + 1;
+            }
+        };
+        if !out.is_empty() {
+            w.write_all(&out).await?;
+            out.clear();
+        }
+        inbound.shrink();
+        if !inbound.room(need) {
+            tracing::warn!(
+                "store server: dropped a connection whose request needs {need} bytes: the \
+                 connections' buffers together reached the limit of {} bytes",
+                limits.memory
+            );
+            return Err(bad("over the memory limit".into()));
+        }
+        // Before the handshake and inside a request, the client must keep sending.
+        let partial = !validated || inbound.start < inbound.buf.len();
+        let read = async {
+            if partial {
+                match tokio::time::timeout(limits.stall, r.read_buf(&mut inbound.buf)).await {
+                    Ok(read) => read,
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no bytes for {:?} inside a request", limits.stall),
+                    )),
+                }
+            } else {
+                r.read_buf(&mut inbound.buf).await
+            }
+        };
+        let read = match pending.as_mut() {
+            Some((_, woken)) => tokio::select! {
+                _ = woken => {
+                    pending = None;
+                    out.push(wire::STOP_WAITING);
+                    continue;
+                }
+                read = read => read,
+            },
+            None => read.await,
+        };
+        if read? == 0 {
+            return if inbound.start == inbound.buf.len() {
+                Ok(())
+            } else {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+    }
+}
+
+/// Serves one request into `out`; a WAIT that must wait is returned pending.
+fn handle(
+    request: Request,
+    shared: &Shared,
+    out: &mut Vec<u8>,
+) -> Result<Option<(u64, oneshot::Receiver<()>)>, String> {
+    match request {
+        Request::Validate { magic } => {
+            if magic != wire::MAGIC {
+                return Err("bad handshake magic".into());
+            }
+        }
+        Request::Ping { nonce } => out.extend_from_slice(&nonce.to_le_bytes()),
+        Request::Set { key, value } => shared.lock().set(key, value),
+        Request::CompareSet {
+            key,
+            expected,
+            desired,
+        } => {
+            let current = shared.lock().compare_set(key, expected, desired);
+            wire::put_bytes(out, &current);
+        }
+        Request::Get { key } => {
+            let state = shared.lock();
+            wire::put_bytes(out, state.data.get(&key).map_or(&[][..], Vec::as_slice));
+        }
+        Request::Add { key, delta } => {
+            let value = shared.lock().add(key, delta)?;
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        Request::Check { keys } => {
+            let state = shared.lock();
+            let ready = keys.iter().all(|k| state.present(k));
+            out.push(if ready {
+                wire::CHECK_READY
+            } else {
+                wire::CHECK_NOT_READY
+            });
+        }
+        Request::Wait { keys } => {
+            let pending = shared.lock().wait(&keys);
+            if pending.is_none() {
+                out.push(wire::STOP_WAITING);
+            }
+            return Ok(pending);
+        }
+        Request::CancelWait => out.push(wire::WAIT_CANCELED),
+        Request::NumKeys => out.extend_from_slice(&(shared.lock().data.len() as i64).to_le_bytes()),
+        Request::DeleteKey { key } => {
+            let deleted = i64::from(shared.lock().data.remove(&key).is_some());
+            out.extend_from_slice(&deleted.to_le_bytes());
+        }
+        Request::Append { key, value } => {
+            let mut state = shared.lock();
+            state
+                .data
+                .entry(key.clone())
+                .or_default()
+                .extend_from_slice(&value);
+            state.wake_all(&key);
+        }
+        Request::MultiGet { keys } => {
+            let state = shared.lock();
+            for key in keys {
+                wire::put_bytes(out, state.data.get(&key).map_or(&[][..], Vec::as_slice));
+            }
+        }
+        Request::MultiSet { pairs } => {
+            let mut state = shared.lock();
+            for (key, value) in pairs {
+                state.set(key, value);
+            }
+        }
+        Request::QueuePush { key, value } => {
+            let mut state = shared.lock();
+            state
+                .queues
+                .entry(key.clone())
+                .or_default()
+                .push_back(value);
+            state.wake_one(&key);
+        }
+        Request::QueuePop { key } => {
+            let mut state = shared.lock();
+            let queue = state.queues.entry(key).or_default();
+            out.extend_from_slice(&(queue.len() as i64).to_le_bytes());
+            if let Some(value) = queue.pop_front() {
+                wire::put_bytes(out, &value);
+            }
+        }
+        Request::QueueLen { key } => {
+            let len = shared.lock().queues.get(&key).map_or(0, VecDeque::len);
+            out.extend_from_slice(&(len as i64).to_le_bytes());
+        }
+    }
+    Ok(None)
 }

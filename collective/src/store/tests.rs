@@ -130,3 +130,149 @@ async fn errors_name_the_address() {
         "{err}"
     );
 }
+
+/// A raw connection that has done the handshake, as any client could.
+async fn raw(server: &StoreServer) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    let mut hello = vec![super::wire::Op::Validate as u8];
+    hello.extend_from_slice(&super::wire::MAGIC.to_le_bytes());
+    s.write_all(&hello).await.expect("handshake");
+    s
+}
+
+/// The start of a SET whose value is declared `len` bytes long.
+fn set_header(len: u64) -> Vec<u8> {
+    let mut out = vec![super::wire::Op::Set as u8];
+    super::wire::put_bytes(&mut out, b"big");
+    out.extend_from_slice(&len.to_le_bytes());
+    out
+}
+
+/// Reads until the server closes the connection (bounded).
+async fn closed(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 64];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), s.read(&mut sink)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn declared_lengths_hold_no_memory_and_the_store_keeps_serving() {
+    use tokio::io::AsyncWriteExt;
+    let (server, mut c) = pair().await;
+    let mut hostile = Vec::new();
+    for _ in 0..100 {
+        let mut s = raw(&server).await;
+        s.write_all(&set_header(super::wire::MAX_VALUE_LEN))
+            .await
+            .expect("declare");
+        s.write_all(b"a few bytes").await.expect("write");
+        hostile.push(s);
+    }
+    // The store answers between them, and what 100 declared 256 MiB values hold is a read
+    // buffer each.
+    c.set("k", b"v").await.expect("set");
+    assert_eq!(c.get("k").await.expect("get"), b"v");
+    let held = server.buffered_bytes();
+    assert!(held <= 100 * 300 * 1024, "{held} bytes buffered");
+}
+
+#[tokio::test]
+async fn a_connection_past_the_memory_limit_is_dropped_and_the_others_are_served() {
+    use tokio::io::AsyncWriteExt;
+    let limits = super::Limits {
+        memory: 2 << 20,
+        ..super::Limits::default()
+    };
+    let server = StoreServer::bind_with("127.0.0.1:0".parse().expect("addr"), limits).expect("bind");
+    let mut c = StoreClient::connect("127.0.0.1", server.local_addr().port(), T)
+        .await
+        .expect("connect");
+    let mut greedy = raw(&server).await;
+    greedy.write_all(&set_header(8 << 20)).await.expect("declare");
+    // It sends its value for real: past 2 MiB buffered, it goes.
+    let chunk = vec![7u8; 256 * 1024];
+    for _ in 0..32 {
+        if greedy.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    assert!(closed(&mut greedy).await, "the greedy connection stayed open");
+    c.set("k", b"v").await.expect("set");
+    assert_eq!(c.get("k").await.expect("get"), b"v");
+    assert!(server.buffered_bytes() <= 2 << 20);
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_inside_a_request_or_before_its_handshake_is_dropped() {
+    use tokio::io::AsyncWriteExt;
+    let limits = super::Limits {
+        stall: Duration::from_millis(200),
+        ..super::Limits::default()
+    };
+    let server = StoreServer::bind_with("127.0.0.1:0".parse().expect("addr"), limits).expect("bind");
+    let mut partial = raw(&server).await;
+    partial.write_all(&set_header(100)).await.expect("declare");
+    partial.write_all(b"half").await.expect("write");
+    assert!(closed(&mut partial).await, "a stalled request was kept");
+    let mut silent = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    assert!(closed(&mut silent).await, "a connection without a handshake was kept");
+    // An idle client between requests stays (torch's clients idle for hours).
+    let mut idle = StoreClient::connect("127.0.0.1", server.local_addr().port(), T)
+        .await
+        .expect("connect");
+    let mut other = StoreClient::connect("127.0.0.1", server.local_addr().port(), T)
+        .await
+        .expect("connect");
+    // Idle while another client's stalled request is dropped (> stall).
+    let mut third = raw(&server).await;
+    third.write_all(&set_header(5)).await.expect("declare");
+    assert!(closed(&mut third).await);
+    other.set("k", b"v").await.expect("set");
+    assert_eq!(idle.get("k").await.expect("idle client served"), b"v");
+}
+
+#[tokio::test]
+async fn past_the_connection_cap_new_clients_wait_until_one_closes() {
+    let limits = super::Limits {
+        max_connections: 3,
+        ..super::Limits::default()
+    };
+    let server = StoreServer::bind_with("127.0.0.1:0".parse().expect("addr"), limits).expect("bind");
+    let port = server.local_addr().port();
+    let mut first = StoreClient::connect("127.0.0.1", port, T).await.expect("1");
+    let _second = StoreClient::connect("127.0.0.1", port, T).await.expect("2");
+    let _third = StoreClient::connect("127.0.0.1", port, T).await.expect("3");
+    first.set("k", b"v").await.expect("set");
+    // The fourth connects (the kernel queues it) but is not served while three are open.
+    let waiting = tokio::spawn(async move {
+        let mut c = StoreClient::connect("127.0.0.1", port, Duration::from_secs(30))
+            .await
+            .expect("4");
+        c.get("k").await.expect("served once a slot frees")
+    });
+    let mut waiting = waiting;
+    // Load only delays an answer, so an answer here means the cap let it through.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut waiting)
+            .await
+            .is_err(),
+        "a fourth client was served past the cap of three"
+    );
+    drop(first);
+    let got = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the fourth client was never served")
+        .expect("task");
+    assert_eq!(got, b"v");
+}

@@ -100,7 +100,8 @@ pub fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8]) {
     buf.extend_from_slice(bytes);
 }
 
-/// Reads a length-prefixed byte vector of at most `max` bytes.
+/// Reads a length-prefixed byte vector of at most `max` bytes. Memory grows with the bytes
+/// that arrive, not with the length declared.
 ///
 /// # Errors
 /// I/O errors, or `InvalidData` when the length exceeds `max`.
@@ -112,37 +113,12 @@ pub async fn read_bytes(r: &mut (impl AsyncRead + Unpin), max: u64) -> std::io::
             format!("field of {len} bytes exceeds the limit of {max}"),
         ));
     }
-    let mut bytes = vec![0u8; len as usize];
-    r.read_exact(&mut bytes).await?;
+    let mut bytes = Vec::with_capacity(len.min(64 * 1024) as usize);
+    r.take(len).read_to_end(&mut bytes).await?;
+    if bytes.len() as u64 != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(bytes)
-}
-
-/// Reads a key (a length-prefixed string).
-///
-/// # Errors
-/// As [`read_bytes`], or `InvalidData` for a key that is not UTF-8.
-pub async fn read_key(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<String> {
-    String::from_utf8(read_bytes(r, MAX_KEY_LEN).await?)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "key is not UTF-8"))
-}
-
-/// Reads a count-prefixed list of keys.
-///
-/// # Errors
-/// As [`read_key`], or `InvalidData` past [`MAX_KEY_COUNT`].
-pub async fn read_keys(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<String>> {
-    let count = r.read_u64_le().await?;
-    if count > MAX_KEY_COUNT {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{count} keys in one request exceeds the limit of {MAX_KEY_COUNT}"),
-        ));
-    }
-    let mut keys = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        keys.push(read_key(r).await?);
-    }
-    Ok(keys)
 }
 
 /// Writes `buf` and flushes it.
