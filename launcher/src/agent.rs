@@ -60,7 +60,7 @@ pub struct RunResult {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The log directory could not be prepared.
-    #[error("cannot prepare the log directory: {0}")]
+    #[error("cannot prepare the log directory: {0}; give --log-dir a directory this user can create and write")]
     Logs(io::Error),
     /// A handled signal could not be installed.
     #[error("cannot handle {0}: {1}")]
@@ -116,7 +116,10 @@ pub async fn run(config: &LaunchConfig) -> Result<RunResult, AgentError> {
         None => {
             // The agent hosts the store the workers bootstrap through (TORCHELASTIC_USE_AGENT_STORE):
             // bound here and kept, so no other process can take MASTER_PORT before the workers use it.
-            let store = StoreServer::bind_any(config.master_port.unwrap_or(0))?;
+            let store = crate::store_bind::bind_store(
+                &config.master_addr,
+                config.master_port.unwrap_or(0),
+            )?;
             let boot = Bootstrap::single_node(config, store.local_addr().port());
             (Topology::Single(store), boot)
         }

@@ -248,18 +248,21 @@ pub struct Args {
     pub use_env: bool,
 
     /// The training script (or module with -m, or program with --no-python), then its arguments.
-    #[arg(value_name = "TRAINING_SCRIPT [ARGS]", required = true, num_args = 1.., trailing_var_arg = true)]
-    pub script_and_args: Vec<String>,
+    /// Arguments pass through as they are, UTF-8 or not.
+    #[arg(value_name = "TRAINING_SCRIPT [ARGS]", required = true, num_args = 1.., trailing_var_arg = true, value_parser = clap::value_parser!(OsString))]
+    pub script_and_args: Vec<OsString>,
 }
 
 impl Args {
     /// The training script (or module with -m, or program with --no-python).
-    pub fn training_script(&self) -> &str {
-        self.script_and_args.first().map_or("", String::as_str)
+    pub fn training_script(&self) -> String {
+        self.script_and_args
+            .first()
+            .map_or_else(String::new, |s| s.to_string_lossy().into_owned())
     }
 
     /// Everything after the training script: the script's own arguments.
-    pub fn training_script_args(&self) -> &[String] {
+    pub fn training_script_args(&self) -> &[OsString] {
         self.script_and_args.get(1..).unwrap_or_default()
     }
 }

@@ -12,7 +12,8 @@ use nix::sys::signal::Signal;
 use crate::cli::{Args, Flavor};
 use crate::entrypoint::build_command;
 use crate::flags::{
-    comma_separated, parse_endpoint, parse_nnodes, parse_rdzv_conf, parse_signals, seconds,
+    check_rdzv_conf, comma_separated, parse_endpoint, parse_nnodes, parse_rdzv_conf, parse_signals,
+    seconds,
 };
 use crate::logs::{parse_ranks_filter, LogSpecError, StdSpec};
 use crate::nproc::{self, Devices, NprocError};
@@ -57,11 +58,14 @@ pub enum ConfigError {
     /// `--rdzv-conf` does not parse.
     #[error("--rdzv-conf {0:?} is not valid: use key1=value1,key2=value2 with non-empty keys and values")]
     RdzvConf(String),
+    /// A `--rdzv-conf` key or value that cannot work.
+    #[error("{0}")]
+    RdzvValue(String),
     /// `--signals-to-handle` names something that is not a signal.
     #[error("--signals-to-handle: {0:?} is not a signal name: use names like SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")]
     Signal(String),
-    /// `--signals-to-handle` names a signal no process can catch.
-    #[error("--signals-to-handle: {0} cannot be caught by any process, so it cannot be forwarded; leave it out")]
+    /// `--signals-to-handle` names a signal that cannot be forwarded.
+    #[error("--signals-to-handle: {0} cannot be forwarded (it cannot be caught, or the launcher needs it: SIGCHLD, faults, job control); use any of SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM, SIGXCPU, SIGXFSZ")]
     Unhandleable(String),
     /// A timeout is negative or not a number.
     #[error("{0} is not valid: use a number of seconds >= 0")]
@@ -130,7 +134,7 @@ pub struct LaunchConfig {
     /// `MASTER_PORT` for the workers (the agent store's port); `None`: a free port.
     pub master_port: Option<u16>,
     /// The worker command: program then arguments, `${local_rank}` still unexpanded.
-    pub command: Vec<String>,
+    pub command: Vec<std::ffi::OsString>,
     /// The script's name, for the failure report's title.
     pub script_name: String,
     /// Output routing.
@@ -260,21 +264,23 @@ impl LaunchConfig {
             (addr, None, args.rdzv_id.clone())
         };
 
+        // Every key and value is checked, on one node too, so a typo never passes silently.
+        let conf = |key: &str| {
+            rdzv_conf
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        check_rdzv_conf(&rdzv_conf)?;
+        let join_timeout = match conf("join_timeout").or(conf("timeout")) {
+            Some(v) => seconds("--rdzv-conf join_timeout", v)?,
+            None => Duration::from_secs(600),
+        };
+        let exit_timeout = match conf("exit_barrier_timeout") {
+            Some(v) => seconds("--rdzv-conf exit_barrier_timeout", v)?,
+            None => Duration::from_secs(300),
+        };
         let nodes = if max_nodes > 1 {
-            let conf = |key: &str| {
-                rdzv_conf
-                    .iter()
-                    .find(|(k, _)| k == key)
-                    .map(|(_, v)| v.as_str())
-            };
-            let join_timeout = match conf("join_timeout").or(conf("timeout")) {
-                Some(v) => seconds("--rdzv-conf join_timeout", v)?,
-                None => Duration::from_secs(600),
-            };
-            let exit_timeout = match conf("exit_barrier_timeout") {
-                Some(v) => seconds("--rdzv-conf exit_barrier_timeout", v)?,
-                None => Duration::from_secs(300),
-            };
             Some(StaticSpec {
                 nnodes: max_nodes,
                 node_rank: args.node_rank,
@@ -381,6 +387,13 @@ mod tests {
         LaunchConfig::from_args(flavor, &args, &env)
     }
 
+    fn text(command: &[std::ffi::OsString]) -> Vec<String> {
+        command
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
     #[test]
     fn builds_torchrun_command_lines() {
         let c = launch(
@@ -389,7 +402,7 @@ mod tests {
         )
         .expect("ok");
         assert_eq!(
-            c.command,
+            text(&c.command),
             [
                 "/usr/bin/python3",
                 "-u",
@@ -400,15 +413,18 @@ mod tests {
         );
         assert!(c.set_omp_num_threads);
         let c = launch(&["-m", "pkg.main", "x"], &[("PYTHON_EXEC", "/opt/py")]).expect("ok");
-        assert_eq!(c.command, ["/opt/py", "-u", "-m", "pkg.main", "x"]);
+        assert_eq!(text(&c.command), ["/opt/py", "-u", "-m", "pkg.main", "x"]);
         assert!(!c.set_omp_num_threads);
         let c = launch(&["launch", "train.py", "--lr", "1"], &[]).expect("ok");
         assert_eq!(
-            c.command[2..],
+            text(&c.command)[2..],
             ["train.py", "--local-rank=${local_rank}", "--lr", "1"]
         );
         let c = launch(&["launch", "--use-env", "train.py"], &[]).expect("ok");
-        assert_eq!(c.command.last().map(String::as_str), Some("train.py"));
+        assert_eq!(
+            text(&c.command).last().map(String::as_str),
+            Some("train.py")
+        );
     }
 
     #[test]

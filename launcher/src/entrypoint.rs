@@ -2,6 +2,8 @@
 //! `python -u -m module`, a program with `--no-python`, `runpy.run_path` with `--run-path`, and
 //! the legacy launcher's `--local-rank=<n>`.
 
+use std::ffi::OsString;
+
 use crate::cli::{Args, Flavor};
 use crate::config::{is_executable, ConfigError, Environment};
 
@@ -10,7 +12,7 @@ pub(crate) fn build_command(
     flavor: Flavor,
     args: &Args,
     env: &dyn Environment,
-) -> Result<(Vec<String>, String), ConfigError> {
+) -> Result<(Vec<OsString>, String), ConfigError> {
     if args.module && args.no_python {
         return Err(ConfigError::Conflict(
             "-m/--module and --no-python exclude each other: -m runs a Python module, --no-python runs a program",
@@ -21,8 +23,8 @@ pub(crate) fn build_command(
             "ferrun launch --no-python needs --use-env: a program that is not Python cannot be handed --local-rank",
         ));
     }
-    let script = args.training_script().to_owned();
-    let mut command = Vec::new();
+    let script = args.training_script();
+    let mut command: Vec<String> = Vec::new();
     if args.run_path {
         command.push(python(env)?);
         command.extend(["-u".into(), "-c".into(), RUN_PATH_SHIM.into()]);
@@ -51,6 +53,7 @@ pub(crate) fn build_command(
     if flavor == Flavor::LegacyLaunch && !args.use_env {
         command.push(format!("--local-rank={}", crate::worker::LOCAL_RANK_MACRO));
     }
+    let mut command: Vec<OsString> = command.into_iter().map(OsString::from).collect();
     command.extend(args.training_script_args().iter().cloned());
     Ok((command, script))
 }

@@ -78,16 +78,78 @@ pub(crate) fn parse_rdzv_conf(value: &str) -> Result<Vec<(String, String)>, Conf
         .collect()
 }
 
+/// The `--rdzv-conf` keys torchrun's backends read, and ferrun's `exit_barrier_timeout`.
+const RDZV_KEYS: [&str; 12] = [
+    "join_timeout",
+    "timeout",
+    "last_call_timeout",
+    "close_timeout",
+    "read_timeout",
+    "heartbeat",
+    "keep_alive_interval",
+    "keep_alive_max_attempt",
+    "exit_barrier_timeout",
+    "is_host",
+    "use_libuv",
+    "store_type",
+];
+
+/// Checks every `--rdzv-conf` key and value: known keys, numbers where numbers go, booleans
+/// where booleans go.
+pub(crate) fn check_rdzv_conf(conf: &[(String, String)]) -> Result<(), ConfigError> {
+    for (key, value) in conf {
+        let bad = |what: &str| ConfigError::RdzvValue(format!("--rdzv-conf {key}={value}: {what}"));
+        match key.as_str() {
+            "is_host" | "use_libuv" => {
+                if !["0", "1", "true", "false", "True", "False", "yes", "no"]
+                    .contains(&value.as_str())
+                {
+                    return Err(bad("expected a boolean (true/false, 1/0)"));
+                }
+            }
+            "store_type" => {}
+            k if RDZV_KEYS.contains(&k) => {
+                if !value
+                    .parse::<f64>()
+                    .is_ok_and(|v| v.is_finite() && v >= 0.0)
+                {
+                    return Err(bad("expected a number of seconds (or attempts), 0 or more"));
+                }
+            }
+            _ => {
+                return Err(bad(&format!(
+                    "unknown key; known keys are {}",
+                    RDZV_KEYS.join(", ")
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Signals the launcher can catch and pass on without losing its own footing: not SIGKILL or
+/// SIGSTOP (no process can catch them), not SIGCHLD (how the launcher learns of exits), not the
+/// faults (SIGSEGV, SIGBUS, …) nor job control (SIGTSTP, SIGCONT, …).
+pub(crate) const FORWARDABLE: [Signal; 9] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGALRM,
+    Signal::SIGXCPU,
+    Signal::SIGXFSZ,
+];
+
 pub(crate) fn parse_signals(value: &str) -> Result<Vec<Signal>, ConfigError> {
     value
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|name| match Signal::from_str(name) {
-            Ok(Signal::SIGKILL | Signal::SIGSTOP) => {
-                Err(ConfigError::Unhandleable(name.to_owned()))
-            }
-            Ok(sig) => Ok(sig),
+            Ok(sig) if FORWARDABLE.contains(&sig) => Ok(sig),
+            Ok(_) => Err(ConfigError::Unhandleable(name.to_owned())),
             Err(_) => Err(ConfigError::Signal(name.to_owned())),
         })
         .collect()

@@ -273,10 +273,21 @@ impl WorkerGroup {
     }
 
     fn signal_all(&self, signal: Signal) {
-        // Process groups of exited workers too: their children may still run.
-        for w in &self.workers {
-            if w.pid != 0 {
-                let _ = killpg(Pid::from_raw(w.pid as i32), signal);
+        // A running worker's group is its own. An exited worker's group may still hold its
+        // children, but once empty its number can be recycled: signal it only while a process
+        // of it carries this launcher's mark.
+        let mut marked: Option<Vec<(i32, i32)>> = None;
+        for w in self.workers.iter().filter(|w| w.pid != 0) {
+            let pgid = w.pid as i32;
+            let ours = w.exit.is_none()
+                || marked
+                    .get_or_insert_with(|| {
+                        crate::descendants::find(crate::descendants::mark_value())
+                    })
+                    .iter()
+                    .any(|&(_, g)| g == pgid);
+            if ours {
+                let _ = killpg(Pid::from_raw(pgid), signal);
             }
         }
     }

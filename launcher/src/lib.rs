@@ -25,14 +25,17 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod descendants;
 pub mod entrypoint;
 pub mod error_file;
 pub mod flags;
 pub mod group;
+pub mod keeper;
 pub mod logs;
 pub mod netif;
 pub mod nproc;
 pub mod output;
 pub mod rendezvous;
 pub mod report;
+pub mod store_bind;
 pub mod worker;

@@ -6,13 +6,24 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use ferrun_collective::store::server as store;
 use ferrun_launcher::agent::{self, Outcome};
-use ferrun_launcher::cli;
 use ferrun_launcher::config::{LaunchConfig, ProcessEnvironment};
+use ferrun_launcher::keeper::Keeper;
+use ferrun_launcher::{cli, descendants};
 use ferrun_launcher::{error_file, report};
 
 /// Exit code for a command line or configuration that cannot work (argparse's code).
 const USAGE: u8 = 2;
+
+/// Writes to stderr, ignoring a closed one: a reader that went away (`| head`) must never
+/// stop the launcher from supervising or turn a success into a crash.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 fn main() -> ExitCode {
     let (flavor, args) = match cli::parse(std::env::args_os()) {
@@ -23,17 +34,39 @@ fn main() -> ExitCode {
     let config = match LaunchConfig::from_args(flavor, &args, &ProcessEnvironment) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("ferrun: error: {e}");
+            say!("ferrun: error: {e}\n");
             return ExitCode::from(USAGE);
         }
     };
-    match run(&config) {
-        Ok(code) => ExitCode::from(code),
+    // A store serves a connection per worker and agent.
+    store::raise_fd_limit();
+    // Before any thread: the keeper is forked.
+    let mut keeper = match Keeper::start(descendants::mark_value()) {
+        Ok(keeper) => Some(keeper),
         Err(e) => {
-            eprintln!("ferrun: error: {e:#}");
-            ExitCode::from(1)
+            tracing::warn!(
+                "cannot start the keeper (what workers start may outlive a killed launcher): {e}"
+            );
+            None
         }
+    };
+    let code = match run(&config) {
+        Ok(code) => code,
+        Err(e) => {
+            say!("ferrun: error: {e:#}\n");
+            if e.downcast_ref::<agent::AgentError>()
+                .is_some_and(|e| matches!(e, agent::AgentError::Logs(_)))
+            {
+                USAGE
+            } else {
+                1
+            }
+        }
+    };
+    if let Some(keeper) = keeper.as_mut() {
+        keeper.disarm();
     }
+    ExitCode::from(code)
 }
 
 fn run(config: &LaunchConfig) -> anyhow::Result<u8> {
@@ -62,12 +95,12 @@ fn run(config: &LaunchConfig) -> anyhow::Result<u8> {
     let result = result?;
     let host = nix::unistd::gethostname()
         .map_or_else(|_| "localhost".into(), |h| h.to_string_lossy().into_owned());
-    eprint!("{}", report::summary_table(&result.rows, started.elapsed()));
-    eprintln!("logs: {}", result.log_dir.display());
+    say!("{}", report::summary_table(&result.rows, started.elapsed()));
+    say!("logs: {}\n", result.log_dir.display());
     Ok(match result.outcome {
         Outcome::Succeeded => 0,
         Outcome::Failed(failures) => {
-            eprint!(
+            say!(
                 "{}",
                 report::failure_report(&config.script_name, &host, &failures)
             );
@@ -95,11 +128,11 @@ fn run(config: &LaunchConfig) -> anyhow::Result<u8> {
             }
         }
         Outcome::FailedElsewhere(summary) => {
-            eprintln!("ferrun: the job failed on another node: {summary}\nferrun: this node's workers were stopped; that node's report has the traceback");
+            say!("ferrun: the job failed on another node: {summary}\nferrun: this node's workers were stopped; that node's report has the traceback\n");
             1
         }
         Outcome::Signaled(sig) => {
-            eprintln!("ferrun: stopped by {sig}");
+            say!("ferrun: stopped by {sig}\n");
             if config.propagate_exit_code {
                 128 + sig as u8
             } else {
@@ -107,6 +140,22 @@ fn run(config: &LaunchConfig) -> anyhow::Result<u8> {
             }
         }
     })
+}
+
+/// Stderr that swallows its errors: tracing reports a failed write with `eprintln!`, which
+/// panics on a closed stderr.
+struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 fn init_tracing() {
@@ -121,9 +170,13 @@ fn init_tracing() {
         })
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
+    // Colour only for a person at a terminal, and never under NO_COLOR.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_ansi(colour)
+        .with_writer(|| QuietStderr)
         .with_target(false)
         .with_timer(tracing_subscriber::fmt::time::ChronoLocal::new(
             "%H:%M:%S%.3f".into(),

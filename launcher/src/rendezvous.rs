@@ -118,7 +118,10 @@ impl Peers {
     /// [`RendezvousError`] naming what is wrong.
     pub async fn join(spec: StaticSpec) -> Result<Self, RendezvousError> {
         let server = if spec.node_rank == 0 {
-            Some(StoreServer::bind_any(spec.master_port)?)
+            Some(crate::store_bind::bind_store(
+                &spec.master_addr,
+                spec.master_port,
+            )?)
         } else {
             None
         };

@@ -102,10 +102,11 @@ pub fn spawn(
     piped: Piped,
 ) -> io::Result<Child> {
     let local_rank = env.local_rank.to_string();
-    let mut args = config
-        .command
-        .iter()
-        .map(|a| a.replace(LOCAL_RANK_MACRO, &local_rank));
+    // `${local_rank}` is expanded in arguments that are UTF-8; others pass through untouched.
+    let mut args = config.command.iter().map(|a| match a.to_str() {
+        Some(text) => std::ffi::OsString::from(text.replace(LOCAL_RANK_MACRO, &local_rank)),
+        None => a.clone(),
+    });
     let program = args
         .next()
         .ok_or_else(|| io::Error::other("empty worker command"))?;
@@ -113,7 +114,8 @@ pub fn spawn(
     command
         .args(args)
         .envs(extra_env.iter().map(|(k, v)| (k, v)))
-        .envs(env.to_env());
+        .envs(env.to_env())
+        .env(crate::descendants::MARK, crate::descendants::mark_value());
     if config.virtual_local_rank {
         command
             .env("LOCAL_RANK", "0")

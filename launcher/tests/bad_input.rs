@@ -98,3 +98,56 @@ fn malformed_values_and_pet_booleans_are_named() {
     assert_eq!(code, Some(2));
     assert!(stderr.contains("SIGKILL"), "{stderr}");
 }
+
+#[test]
+fn signals_that_cannot_be_forwarded_are_refused() {
+    for signal in ["SIGCHLD", "SIGKILL", "SIGSEGV", "SIGTSTP"] {
+        let (code, stderr) = reject(&["--signals-to-handle", signal, "--no-python", "true"], &[]);
+        assert_eq!(code, Some(2), "{signal}: {stderr}");
+        assert!(
+            stderr.contains(signal) && stderr.contains("SIGTERM"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn rendezvous_settings_are_checked_on_one_node_too() {
+    for conf in [
+        "join_timeout=abc",
+        "exit_barrier_timeout=-1",
+        "bogus_key=1",
+        "is_host=maybe",
+    ] {
+        let (code, stderr) = reject(
+            &["--standalone", "--rdzv-conf", conf, "--no-python", "true"],
+            &[],
+        );
+        assert_eq!(code, Some(2), "{conf}: {stderr}");
+        let key = conf.split('=').next().unwrap_or_default();
+        assert!(stderr.contains(key), "{conf}: {stderr}");
+    }
+}
+
+#[test]
+fn an_unwritable_log_dir_is_bad_input() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").expect("file");
+    let under_a_file = file.join("logs");
+    let (code, stderr) = reject(
+        &[
+            "--standalone",
+            "--log-dir",
+            under_a_file.to_str().unwrap_or_default(),
+            "--no-python",
+            "true",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("log directory") && stderr.contains("--log-dir"),
+        "{stderr}"
+    );
+}

@@ -66,7 +66,9 @@ impl Default for Limits {
 fn connection_cap() -> usize {
     let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map_or(1024, |(soft, _)| soft);
-    usize::try_from(soft.saturating_sub(64)).unwrap_or(usize::MAX).clamp(16, 1 << 16)
+    usize::try_from(soft.saturating_sub(64))
+        .unwrap_or(usize::MAX)
+        .clamp(16, 1 << 16)
 }
 
 /// Raises this process's soft limit on open files to its hard limit (a store serves a
@@ -356,20 +358,21 @@ async fn serve(
         Err(e) => return tracing::error!("store server cannot listen: {e}"),
     };
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let mut full_logged = false;
+    // Said once a minute at most: a full server must not flood the log.
+    let mut full_said: Option<std::time::Instant> = None;
     let mut refused = 0u64;
     loop {
         // A slot first: at the cap, new clients wait in the kernel's backlog.
         let slot = match Arc::clone(&slots).try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
-                if !full_logged {
+                if full_said.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                     tracing::warn!(
                         "store server: {} connections open, the most it serves; new clients wait \
                          until one closes",
                         limits.max_connections
                     );
-                    full_logged = true;
+                    full_said = Some(std::time::Instant::now());
                 }
                 tokio::select! {
                     _ = &mut stopped => return,
@@ -390,7 +393,6 @@ async fn serve(
                     tracing::warn!("store server: accepting again after {refused} failed accepts (out of file descriptors)");
                     refused = 0;
                 }
-                full_logged = false;
                 let _ = stream.set_nodelay(true);
                 let shared = Arc::clone(&shared);
                 tokio::spawn(async move {
@@ -400,7 +402,12 @@ async fn serve(
                     }
                 });
             }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) =>
+            {
                 // Out of descriptors or memory: accepting again at once would fail again (and
                 // spin). Say so once, then retry as connections close, at most every 100 ms.
                 if refused == 0 {
@@ -498,9 +505,7 @@ impl Inbound<'_> {
             self.buf.drain(..self.start);
             self.start = 0;
         }
-        let want = need
-            .saturating_sub(self.buf.len())
-            .clamp(4096, READ_CHUNK);
+        let want = need.saturating_sub(self.buf.len()).clamp(4096, READ_CHUNK);
         if self.buf.capacity() - self.buf.len() < want {
             let before = self.buf.capacity();
             let target = self.buf.len() + want;
@@ -546,7 +551,8 @@ async fn connection(stream: TcpStream, shared: &Shared, limits: &Limits) -> std:
     loop {
         // Every whole request buffered, in order; a pending WAIT holds the rest back.
         let need = loop {
-            let parsed = request::parse(&inbound.buf[inbound.start..]).map_err(|e| bad(e.to_string()))?;
+            let parsed =
+                request::parse(&inbound.buf[inbound.start..]).map_err(|e| bad(e.to_string()))?;
             let (request, used) = match parsed {
                 Parsed::Request { request, used } => (request, used),
                 Parsed::Incomplete { need } => break inbound.start + need,

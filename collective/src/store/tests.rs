@@ -192,12 +192,16 @@ async fn a_connection_past_the_memory_limit_is_dropped_and_the_others_are_served
         memory: 2 << 20,
         ..super::Limits::default()
     };
-    let server = StoreServer::bind_with("127.0.0.1:0".parse().expect("addr"), limits).expect("bind");
+    let server =
+        StoreServer::bind_with("127.0.0.1:0".parse().expect("addr"), limits).expect("bind");
     let mut c = StoreClient::connect("127.0.0.1", server.local_addr().port(), T)
         .await
         .expect("connect");
     let mut greedy = raw(&server).await;
-    greedy.write_all(&set_header(8 << 20)).await.expect("declare");
+    greedy
+        .write_all(&set_header(8 << 20))
+        .await
+        .expect("declare");
     // It sends its value for real: past 2 MiB buffered, it goes.
     let chunk = vec![7u8; 256 * 1024];
     for _ in 0..32 {
@@ -205,7 +209,10 @@ async fn a_connection_past_the_memory_limit_is_dropped_and_the_others_are_served
             break;
         }
     }
-    assert!(closed(&mut greedy).await, "the greedy connection stayed open");
+    assert!(
+        closed(&mut greedy).await,
+        "the greedy connection stayed open"
+    );
     c.set("k", b"v").await.expect("set");
     assert_eq!(c.get("k").await.expect("get"), b"v");
     assert!(server.buffered_bytes() <= 2 << 20);
@@ -218,7 +225,8 @@ async fn a_client_that_stalls_inside_a_request_or_before_its_handshake_is_droppe
         stall: Duration::from_millis(200),
         ..super::Limits::default()
     };
-    let server = StoreServer::bind_with("127.0.0.1:0".parse().expect("addr"), limits).expect("bind");
+    let server =
+        StoreServer::bind_with("127.0.0.1:0".parse().expect("addr"), limits).expect("bind");
     let mut partial = raw(&server).await;
     partial.write_all(&set_header(100)).await.expect("declare");
     partial.write_all(b"half").await.expect("write");
@@ -226,7 +234,10 @@ async fn a_client_that_stalls_inside_a_request_or_before_its_handshake_is_droppe
     let mut silent = tokio::net::TcpStream::connect(server.local_addr())
         .await
         .expect("connect");
-    assert!(closed(&mut silent).await, "a connection without a handshake was kept");
+    assert!(
+        closed(&mut silent).await,
+        "a connection without a handshake was kept"
+    );
     // An idle client between requests stays (torch's clients idle for hours).
     let mut idle = StoreClient::connect("127.0.0.1", server.local_addr().port(), T)
         .await
@@ -248,7 +259,8 @@ async fn past_the_connection_cap_new_clients_wait_until_one_closes() {
         max_connections: 3,
         ..super::Limits::default()
     };
-    let server = StoreServer::bind_with("127.0.0.1:0".parse().expect("addr"), limits).expect("bind");
+    let server =
+        StoreServer::bind_with("127.0.0.1:0".parse().expect("addr"), limits).expect("bind");
     let port = server.local_addr().port();
     let mut first = StoreClient::connect("127.0.0.1", port, T).await.expect("1");
     let _second = StoreClient::connect("127.0.0.1", port, T).await.expect("2");

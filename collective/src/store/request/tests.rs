@@ -35,7 +35,10 @@ fn whole_requests_parse_and_partial_ones_say_what_they_need() {
     validate.extend_from_slice(&MAGIC.to_le_bytes());
     assert!(matches!(
         parse(&validate),
-        Ok(Parsed::Request { request: Request::Validate { magic: MAGIC }, used: 5 })
+        Ok(Parsed::Request {
+            request: Request::Validate { magic: MAGIC },
+            used: 5
+        })
     ));
 }
 
@@ -44,10 +47,16 @@ fn declared_lengths_past_the_limits_are_refused_before_their_bytes() {
     let mut huge_value = vec![Op::Set as u8];
     put_bytes(&mut huge_value, b"k");
     huge_value.extend_from_slice(&(MAX_VALUE_LEN + 1).to_le_bytes());
-    assert!(matches!(parse(&huge_value), Err(WireError::TooLong { what: "value", .. })));
+    assert!(matches!(
+        parse(&huge_value),
+        Err(WireError::TooLong { what: "value", .. })
+    ));
     let mut huge_key = vec![Op::Get as u8];
     huge_key.extend_from_slice(&u64::MAX.to_le_bytes());
-    assert!(matches!(parse(&huge_key), Err(WireError::TooLong { what: "key", .. })));
+    assert!(matches!(
+        parse(&huge_key),
+        Err(WireError::TooLong { what: "key", .. })
+    ));
     let mut many = vec![Op::MultiGet as u8];
     many.extend_from_slice(&(MAX_KEY_COUNT + 1).to_le_bytes());
     assert!(matches!(parse(&many), Err(WireError::TooMany { .. })));
