@@ -148,6 +148,14 @@ impl Case {
         self.input.iter_mut().for_each(|x| *x = (r + 1) as f32);
         self.output.iter_mut().for_each(|x| *x = -1.0);
         self.run(c)?;
+        // The benchmark's own test: a result spoiled on purpose must be caught and fail the run.
+        if std::env::var_os("FERRUN_BENCH_SPOIL").is_some() {
+            for buf in [&mut self.input, &mut self.output] {
+                if let Some(x) = buf.first_mut() {
+                    *x += 1.0;
+                }
+            }
+        }
         let wrong = |buf: &[f32], expected: &dyn Fn(usize) -> f32| {
             buf.iter()
                 .enumerate()
@@ -213,9 +221,13 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
     let mut csv = vec![
         "collective,ranks,transport,size_bytes,count,time_us,algbw_gbs,busbw_gbs,wrong".to_owned(),
     ];
+    let mut wrong_sizes = Vec::new();
     for size in sizes(o) {
         let mut case = Case::new(o.op, size, n);
         let row = measure(&comm, &mut case, size)?;
+        if row.wrong > 0 {
+            wrong_sizes.push(format!("{size} B: {} wrong elements", row.wrong));
+        }
         if rank == 0 {
             println!(
                 "{:>12} {:>12} {:>6} {:>6} {:>5} {:>10.1} {:>8.3} {:>8.3} {:>7}",
@@ -257,6 +269,12 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
         std::fs::write(path, csv.join("\n") + "\n")
             .with_context(|| format!("write {}", path.display()))?;
     }
+    anyhow::ensure!(
+        wrong_sizes.is_empty(),
+        "{:?} gave wrong results on rank {rank}'s view: {}",
+        o.op,
+        wrong_sizes.join("; ")
+    );
     Ok(())
 }
 
@@ -278,6 +296,10 @@ fn measure(comm: &Communicator<Auto>, case: &mut Case, size: usize) -> anyhow::R
         comm.all_reduce(&mut slowest, ReduceOp::Max)?;
         times.push(slowest[0]);
     }
+    // Checked after the timed loop too: a result that goes wrong under load must show.
+    let mut after = [case.check(comm)? as f64];
+    comm.all_reduce(&mut after, ReduceOp::Sum)?;
+    wrong[0] += after[0];
     times.sort_by(f64::total_cmp);
     let time = times[times.len() / 2];
     let algbw = size as f64 / time / 1e9;

@@ -86,6 +86,7 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
         _ => None,
     };
     let mut series: Vec<crate::plot::Series> = Vec::new();
+    let mut wrong_results = Vec::new();
     for &n in &o.ranks {
         let (mut ours, mut theirs, mut mpi) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..o.rounds {
@@ -99,10 +100,24 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
         let (ours, gloo) = (median_rows(&ours), median_rows(&theirs));
         let mpi = (!mpi.is_empty()).then(|| median_rows(&mpi));
         print_table(name, n, place, o.rounds, &ours, &gloo, mpi.as_ref());
+        for (who, rows) in [
+            ("ferrun", Some(&ours)),
+            ("Gloo", Some(&gloo)),
+            ("OpenMPI", mpi.as_ref()),
+        ] {
+            for &(size, _, _, wrong) in rows.into_iter().flatten() {
+                if wrong > 0 {
+                    wrong_results.push(format!(
+                        "{who}, {n} ranks, {size} B: {}",
+                        wrong_count(wrong)
+                    ));
+                }
+            }
+        }
         let line = |rows: &Rows| {
             rows.iter()
                 .filter(|r| r.0 > 4)
-                .map(|&(s, _, bw)| (s as f64, bw))
+                .map(|&(s, _, bw, _)| (s as f64, bw))
                 .collect::<Vec<_>>()
         };
         series.push((format!("ferrun, {n} ranks"), line(&ours)));
@@ -127,7 +142,20 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
     } else if mpi_binary.is_none() && o.op == Collective::AllReduce {
         println!("OpenMPI: not installed here (scripts/bench.sh installs openmpi-bin and libopenmpi-dev), so not compared");
     }
+    ensure!(
+        wrong_results.is_empty(),
+        "wrong results: {}",
+        wrong_results.join("; ")
+    );
     Ok(())
+}
+
+fn wrong_count(wrong: u64) -> String {
+    if wrong == u64::MAX {
+        "not checked".into()
+    } else {
+        format!("{wrong} wrong elements")
+    }
 }
 
 fn sizes_arg(o: &Options) -> String {
@@ -228,9 +256,16 @@ fn print_table(
     if mpi.is_some() {
         print!(" {:>9} {:>8} {:>9}", "mpi µs", "mpi bw", "× mpi");
     }
-    println!();
-    for (size, t, bw) in ours {
-        let Some((_, gt, gbw)) = gloo.iter().find(|(s, _, _)| s == size) else {
+    println!(" {:>8}", "#wrong");
+    let shown = |w: u64| {
+        if w == u64::MAX {
+            "?".to_owned()
+        } else {
+            w.to_string()
+        }
+    };
+    for (size, t, bw, wrong) in ours {
+        let Some((_, gt, gbw, gwrong)) = gloo.iter().find(|r| r.0 == *size) else {
             continue;
         };
         print!(
@@ -238,13 +273,15 @@ fn print_table(
             t / gt,
             bw / gbw
         );
-        if let Some((_, mt, mbw)) = mpi.and_then(|m| m.iter().find(|(s, _, _)| s == size)) {
+        let mut wrongs = vec![shown(*wrong), shown(*gwrong)];
+        if let Some((_, mt, mbw, mwrong)) = mpi.and_then(|m| m.iter().find(|r| r.0 == *size)) {
             print!(
                 " {mt:>9.1} {mbw:>8.3} {:>9.2}",
                 if *size == 4 { mt / t } else { bw / mbw }
             );
+            wrongs.push(shown(*mwrong));
         }
-        println!();
+        println!(" {:>8}", wrongs.join("/"));
     }
-    println!("time × = ferrun / Gloo (lower is better); bw × = ferrun / Gloo; × mpi = ferrun / OpenMPI busbw (at 4 B: OpenMPI time / ferrun time; higher is better)\n");
+    println!("time × = ferrun / Gloo (lower is better); bw × = ferrun / Gloo; × mpi = ferrun / OpenMPI busbw (at 4 B: OpenMPI time / ferrun time; higher is better); #wrong = ferrun/Gloo[/OpenMPI] wrong elements\n");
 }

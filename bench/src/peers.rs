@@ -11,7 +11,8 @@ use ferrun_tests::netns::Hosts;
 use serde_json::Value;
 
 /// `(size, time µs, busbw)` rows of one run.
-pub(crate) type Rows = Vec<(u64, f64, f64)>;
+/// Per size: bytes, time (µs), busbw (GB/s), wrong elements.
+pub(crate) type Rows = Vec<(u64, f64, f64, u64)>;
 
 /// Where the ranks run.
 #[derive(Debug, Clone, Copy)]
@@ -188,6 +189,7 @@ pub(crate) fn run_mpi(bin: &Path, n: usize, dir: &Path) -> anyhow::Result<Rows> 
         4,
         v["latency_4B_us"]["median"].as_f64().unwrap_or(f64::NAN),
         0.0,
+        0,
     )];
     for r in v["rows"].as_array().context("OpenMPI's JSON has no rows")? {
         rows.push(row(r));
@@ -195,11 +197,14 @@ pub(crate) fn run_mpi(bin: &Path, n: usize, dir: &Path) -> anyhow::Result<Rows> 
     Ok(rows)
 }
 
-fn row(r: &Value) -> (u64, f64, f64) {
+/// A row as a runtime wrote it; one that does not say how many elements were wrong counts as
+/// all wrong (a result that cannot be checked is not a result).
+fn row(r: &Value) -> (u64, f64, f64, u64) {
     (
         r["size"].as_u64().unwrap_or(0),
         r["time_us"].as_f64().unwrap_or(f64::NAN),
         r["busbw"].as_f64().unwrap_or(f64::NAN),
+        r["wrong"].as_u64().unwrap_or(u64::MAX),
     )
 }
 
@@ -230,8 +235,8 @@ pub(crate) fn median_rows(runs: &[Rows]) -> Rows {
     };
     first
         .iter()
-        .map(|&(size, _, _)| {
-            let pick = |f: fn(&(u64, f64, f64)) -> f64| {
+        .map(|&(size, _, _, _)| {
+            let pick = |f: fn(&(u64, f64, f64, u64)) -> f64| {
                 let mut xs: Vec<f64> = runs
                     .iter()
                     .filter_map(|rows| rows.iter().find(|r| r.0 == size).map(f))
@@ -239,7 +244,12 @@ pub(crate) fn median_rows(runs: &[Rows]) -> Rows {
                 xs.sort_by(f64::total_cmp);
                 xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
             };
-            (size, pick(|r| r.1), pick(|r| r.2))
+            let wrong = runs
+                .iter()
+                .filter_map(|rows| rows.iter().find(|r| r.0 == size).map(|r| r.3))
+                .max()
+                .unwrap_or(0);
+            (size, pick(|r| r.1), pick(|r| r.2), wrong)
         })
         .collect()
 }
@@ -257,11 +267,17 @@ mod tests {
     #[test]
     fn medians_are_taken_per_size_over_runs() {
         let runs = vec![
-            vec![(4, 1.0, 0.0), (1024, 10.0, 3.0)],
-            vec![(4, 3.0, 0.0), (1024, 30.0, 1.0)],
-            vec![(4, 2.0, 0.0), (1024, 20.0, 2.0)],
+            vec![(4, 1.0, 0.0, 0), (1024, 10.0, 3.0, 0)],
+            vec![(4, 3.0, 0.0, 0), (1024, 30.0, 1.0, 5)],
+            vec![(4, 2.0, 0.0, 0), (1024, 20.0, 2.0, 0)],
         ];
-        assert_eq!(median_rows(&runs), vec![(4, 2.0, 0.0), (1024, 20.0, 2.0)]);
+        // Wrong results of any round stay visible.
+        assert_eq!(
+            median_rows(&runs),
+            vec![(4, 2.0, 0.0, 0), (1024, 20.0, 2.0, 5)]
+        );
+        let missing: Value = serde_json::json!({"size": 8, "time_us": 1.0, "busbw": 1.0});
+        assert_eq!(row(&missing).3, u64::MAX);
         assert!(median_rows(&[]).is_empty());
     }
 }

@@ -188,7 +188,7 @@ fn a_peer_that_dies_is_named_and_nobody_hangs() {
         Kind::Tcp,
         3,
         Options {
-            deadline: Duration::from_secs(10),
+            deadline: Duration::from_secs(60),
             small_bytes: 0,
         },
         |c| {
@@ -210,7 +210,8 @@ fn a_peer_that_dies_is_named_and_nobody_hangs() {
     // Each survivor names rank 1: through its own broken link, or because the other survivor
     // told it that rank 1 is gone.
     for (err, took) in &survivors {
-        assert!(*took < Duration::from_secs(5), "took {took:?}: {err}");
+        // Named at once, not at the deadline (generous for a loaded machine).
+        assert!(*took < Duration::from_secs(20), "took {took:?}: {err}");
         assert!(
             matches!(
                 err,
@@ -254,7 +255,7 @@ fn mismatched_collectives_are_named_on_both_transports() {
             kind,
             2,
             Options {
-                deadline: Duration::from_secs(10),
+                deadline: Duration::from_secs(60),
                 small_bytes: 0,
             },
             |c| {
@@ -267,11 +268,72 @@ fn mismatched_collectives_are_named_on_both_transports() {
             },
         );
         for (err, took) in results {
-            assert!(took < Duration::from_secs(3), "{kind:?}: {took:?}");
+            // Told at once, not at the deadline (generous for a loaded machine).
+            assert!(took < Duration::from_secs(20), "{kind:?}: {took:?}");
             assert!(
                 err.contains("F32 × 1000") && err.contains("F32 × 1001"),
                 "{kind:?}: {err}"
             );
         }
     }
+}
+
+#[test]
+fn stray_connections_to_a_rank_are_dropped_and_the_mesh_forms() {
+    use std::io::Write;
+    let server = StoreServer::bind("127.0.0.1:0".parse().expect("addr")).expect("store");
+    let port = server.local_addr().port();
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    // A foreign process: it finds rank 0's port in the store and connects first — one
+    // connection greets with garbage, one without the secret, one says nothing at all.
+    let stray = std::thread::spawn(move || {
+        let published = rt().block_on(async {
+            let mut store = StoreClient::connect("127.0.0.1", port, Duration::from_secs(10))
+                .await
+                .expect("store")
+                .prefixed("comm");
+            store.get("addr/0").await.expect("rank 0's address")
+        });
+        let text = String::from_utf8(published).expect("utf-8");
+        let addr = text.split(' ').next().expect("address").to_owned();
+        let mut garbage = std::net::TcpStream::connect(&addr).expect("connect");
+        garbage
+            .write_all(b"GET / HTTP/1.1\r\n\r\n........")
+            .expect("write");
+        let mut no_secret = std::net::TcpStream::connect(&addr).expect("connect");
+        let mut hello = b"ferrun\x00\x01".to_vec();
+        hello.extend_from_slice(&[0u8; 16]);
+        hello.extend_from_slice(&1u64.to_le_bytes());
+        no_secret.write_all(&hello).expect("write");
+        let silent = std::net::TcpStream::connect(&addr).expect("connect");
+        (garbage, no_secret, silent)
+    });
+    let ranks: Vec<_> = (0..3)
+        .map(|rank| {
+            std::thread::spawn(move || {
+                let transport = rt().block_on(async {
+                    let t = Duration::from_secs(20);
+                    let mut store = StoreClient::connect("127.0.0.1", port, t)
+                        .await
+                        .expect("store")
+                        .prefixed("comm");
+                    TcpTransport::connect(&mut store, rank, 3, t).await
+                });
+                let c = Communicator::new(Auto::Tcp(transport.expect("mesh")), Options::default());
+                let mut v = [rank as i32 + 1];
+                c.all_reduce(&mut v, ReduceOp::Sum).expect("all_reduce");
+                v[0]
+            })
+        })
+        .collect();
+    let strays = stray.join().expect("stray");
+    for r in ranks {
+        assert_eq!(r.join().expect("rank"), 6);
+    }
+    drop(strays);
 }

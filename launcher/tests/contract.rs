@@ -89,17 +89,18 @@ fn standalone_run_with_role_and_restarts_matches_torchrun() {
 #[test]
 fn static_run_with_master_port_matches_torchrun() {
     // OMP_NUM_THREADS is only set for nproc > 1: both launchers leave it unset here.
-    const FLAGS: [&str; 6] = [
+    let port = support::free_port().to_string();
+    let flags = [
         "--nproc-per-node",
         "1",
         "--master-port",
-        "29517",
+        &port,
         "--rdzv-id",
         "job-42",
     ];
-    assert_same_contract(&FLAGS);
-    let ours = dump(ferrun(), &FLAGS);
-    assert_eq!(ours[&0]["env"]["MASTER_PORT"], "29517");
+    assert_same_contract(&flags);
+    let ours = dump(ferrun(), &flags);
+    assert_eq!(ours[&0]["env"]["MASTER_PORT"], port.as_str());
     assert_eq!(ours[&0]["env"]["TORCHELASTIC_RUN_ID"], "job-42");
 }
 
@@ -171,7 +172,8 @@ fn pet_booleans_are_integers_as_in_torchrun() {
     );
     let mut cmd = ferrun();
     cmd.env("PET_STANDALONE", "0");
-    let off = dump(cmd, &["--rdzv-id", "fixed", "--master-port", "29533"]);
+    let port = support::free_port().to_string();
+    let off = dump(cmd, &["--rdzv-id", "fixed", "--master-port", &port]);
     assert_eq!(off[&0]["env"]["TORCHELASTIC_RUN_ID"], "fixed");
 }
 

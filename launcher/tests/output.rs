@@ -81,7 +81,7 @@ fn tee_writes_torchruns_layout_and_the_console() {
             "--rdzv-id",
             "tee-run",
             "--master-port",
-            "29531",
+            &support::free_port().to_string(),
         ],
         &[],
     );

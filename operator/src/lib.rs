@@ -28,6 +28,7 @@ pub mod validate;
 /// # Errors
 /// A message naming the parse error's place, or every validation problem.
 pub fn load_job(text: &str) -> Result<crd::PyTorchJob, String> {
+    check_shape(text)?;
     let job: crd::PyTorchJob =
         serde_yaml::from_str(text).map_err(|e| format!("not a PyTorchJob: {e}"))?;
     if job.metadata.name.is_none() {
@@ -36,4 +37,52 @@ pub fn load_job(text: &str) -> Result<crd::PyTorchJob, String> {
     let job = defaults::with_defaults(&job);
     validate::validate(&job).map_err(|e| e.to_string())?;
     Ok(job)
+}
+
+/// Largest job text accepted: Kubernetes (etcd) stores no object past 1.5 MiB.
+pub const MAX_JOB_BYTES: usize = 1536 * 1024;
+/// Deepest nesting accepted, in flow brackets or in indentation columns: a PyTorchJob nests
+/// about 15 levels; parsing a hostile, deeply nested text takes time that grows much faster.
+pub const MAX_DEPTH: usize = 64;
+const MAX_INDENT: usize = 4 * MAX_DEPTH;
+
+/// Refuses, before parsing, a text too large or too deeply nested to be a PyTorchJob.
+fn check_shape(text: &str) -> Result<(), String> {
+    if text.len() > MAX_JOB_BYTES {
+        return Err(format!(
+            "the job is {} bytes; Kubernetes takes objects of at most {MAX_JOB_BYTES}: is this the right file?",
+            text.len()
+        ));
+    }
+    let (mut depth, mut quote) = (0usize, None::<char>);
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches([' ', '\t']).len();
+        if indent > MAX_INDENT {
+            return Err(format!(
+                "line {}: indented {indent} columns, past {MAX_INDENT}: a PyTorchJob nests far less deep",
+                n + 1
+            ));
+        }
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_DEPTH {
+                        return Err(format!(
+                            "line {}: brackets nested deeper than {MAX_DEPTH}: a PyTorchJob nests far less deep",
+                            n + 1
+                        ));
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        // A quote open at the end of a line continues, as YAML's do.
+    }
+    Ok(())
 }

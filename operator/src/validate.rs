@@ -5,6 +5,10 @@ use crate::crd::{PyTorchJob, MASTER, WORKER};
 use crate::defaults::CONTAINER;
 use crate::render::pod_name;
 
+/// Most replicas of one type: far past the largest training jobs, far below what would
+/// exhaust memory rendering them.
+pub const MAX_REPLICAS: i32 = 10_000;
+
 /// Controllers that may own a PyTorchJob; others' jobs are left alone.
 pub const MANAGERS: [&str; 2] = [
     "kubeflow.org/training-operator",
@@ -64,6 +68,11 @@ pub fn validate(job: &PyTorchJob) -> Result<(), Invalid> {
         }
         if count < 1 {
             problems.push(format!("{at}.replicas is {count}: give at least 1"));
+        }
+        if count > MAX_REPLICAS {
+            problems.push(format!(
+                "{at}.replicas is {count}: at most {MAX_REPLICAS} replicas of one type are served"
+            ));
         }
         if let Some(policy) = &replica.restart_policy {
             if !["Always", "OnFailure", "Never", "ExitCode"].contains(&policy.as_str()) {

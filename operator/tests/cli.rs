@@ -101,3 +101,45 @@ fn run_without_a_cluster_says_what_is_missing() {
         "{err}"
     );
 }
+
+/// The example job with `Worker` replicas set to `replicas`, in a temporary file.
+fn job_file(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write job");
+    path.display().to_string()
+}
+
+#[test]
+fn absurd_replica_counts_and_hostile_yaml_are_refused_quickly_with_a_reason() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let example = std::fs::read_to_string(example()).expect("example");
+    assert!(example.contains("replicas: 2"), "the example has 2 workers");
+    let huge = example.replacen("replicas: 2", "replicas: 2147483647", 1);
+    let nested_flow = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let mut nested_block = String::from("a:\n");
+    for depth in 1..600 {
+        nested_block.push_str(&" ".repeat(depth));
+        nested_block.push_str("b:\n");
+    }
+    let oversized = format!("# {}\n{example}", "x".repeat(2 << 20));
+    for (name, text, reason) in [
+        ("huge.yaml", huge.as_str(), "at most 10000 replicas"),
+        ("flow.yaml", nested_flow.as_str(), "nested deeper than 64"),
+        ("block.yaml", nested_block.as_str(), "indented"),
+        ("big.yaml", oversized.as_str(), "at most 1572864"),
+    ] {
+        let path = job_file(dir.path(), name, text);
+        for verb in ["render", "local"] {
+            let started = std::time::Instant::now();
+            let out = operator(&[verb, &path], &[]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{verb} {name}: {stderr}");
+            assert!(stderr.contains(reason), "{verb} {name}: {stderr}");
+            // The bound is the behaviour: such input once took 20–67 s, or aborted.
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "{verb} {name}"
+            );
+        }
+    }
+}

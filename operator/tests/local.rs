@@ -95,9 +95,12 @@ fn the_deadline_is_enforced_with_no_other_event() {
 #[test]
 fn on_failure_restarts_in_place_and_the_master_decides_success() {
     // The worker fails once (its marker file is not there yet), then succeeds.
-    let worker =
-        "test -f $DIR/mark || { touch $DIR/mark; echo failing once; exit 3; }; echo worker done";
-    let (out, _) = local(&job("{}", "sleep 1; echo master done", "OnFailure", worker));
+    let worker = "test -f $DIR/mark || { touch $DIR/mark; echo failing once; exit 3; }; \
+                  echo worker done; touch $DIR/done";
+    // The master ends once the restarted worker is done (bounded: 30 s of 50 ms looks).
+    let master = "i=0; until [ -f $DIR/done ] || [ $i -ge 600 ]; do sleep 0.05; i=$((i+1)); done; \
+                  echo master done";
+    let (out, _) = local(&job("{}", master, "OnFailure", worker));
     let text = text(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("[shell-worker-0]: failing once"), "{text}");

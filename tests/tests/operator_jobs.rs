@@ -88,7 +88,7 @@ fn results(dir: &Path) -> Vec<String> {
 fn master_and_two_workers_train_together_with_the_ranks_the_job_means() {
     let dir = tempfile::tempdir().expect("temp dir");
     let outcome = run(&job_yaml(
-        29611,
+        free_port(),
         2,
         2,
         dir.path(),
@@ -120,7 +120,7 @@ fn a_worker_failing_under_on_failure_is_restarted_and_the_job_succeeds() {
         "if [ $PET_NODE_RANK = 1 ] && [ ! -f {mark} ]; then touch {mark}; exit 7; fi; exec @ferrun@ $FERRUN_SCRIPT",
         mark = mark.display()
     );
-    let outcome = run(&job_yaml(29612, 1, 1, &results_dir, &command));
+    let outcome = run(&job_yaml(free_port(), 1, 1, &results_dir, &command));
     assert_eq!(outcome.verdict, Verdict::Succeeded);
     assert_eq!(outcome.restarts, 1, "worker 0 restarted once");
     assert!(outcome
@@ -136,4 +136,12 @@ fn a_worker_failing_under_on_failure_is_restarted_and_the_job_succeeds() {
         })
         .collect();
     assert_eq!(results(&results_dir), expected);
+}
+
+/// A port free right now on loopback (the kernel's pick).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }

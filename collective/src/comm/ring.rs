@@ -33,6 +33,9 @@ pub(super) struct Hosts {
     local: Vec<usize>,
     /// The ranks with this rank's local index, one per host, in host order.
     across: Vec<usize>,
+    /// This rank's place in `local`, and in `across`.
+    in_local: usize,
+    in_across: usize,
 }
 
 impl Hosts {
@@ -57,21 +60,27 @@ impl Hosts {
         }
         let local = hosts.iter().find(|(_, r)| r.contains(&me))?.1.clone();
         let index = local.iter().position(|&r| r == me)?;
-        let across = hosts.iter().map(|(_, r)| r[index]).collect();
-        Some(Self { local, across })
+        let across: Vec<usize> = hosts.iter().map(|(_, r)| r[index]).collect();
+        let in_across = across.iter().position(|&r| r == me)?;
+        Some(Self {
+            local,
+            across,
+            in_local: index,
+            in_across,
+        })
     }
 
-    fn local(&self, me: usize) -> Ring<'_> {
+    fn local(&self) -> Ring<'_> {
         Ring {
             ranks: &self.local,
-            me: self.local.iter().position(|&r| r == me).unwrap_or(0),
+            me: self.in_local,
         }
     }
 
-    fn across(&self, me: usize) -> Ring<'_> {
+    fn across(&self) -> Ring<'_> {
         Ring {
             ranks: &self.across,
-            me: self.across.iter().position(|&r| r == me).unwrap_or(0),
+            me: self.in_across,
         }
     }
 }
@@ -107,7 +116,7 @@ impl<T: Transport> Communicator<T> {
         for part in buf.chunks_mut(slab) {
             match &self.hosts {
                 Some(hosts) => {
-                    let (local, across) = (hosts.local(self.rank), hosts.across(self.rank));
+                    let (local, across) = (hosts.local(), hosts.across());
                     self.ring_reduce_scatter(tag, local, part, op)?;
                     let mine = schedule::chunk(part.len(), local.ranks.len(), local.me);
                     let chunk = &mut part[mine];

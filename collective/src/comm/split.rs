@@ -26,7 +26,14 @@ impl<T: Transport> Communicator<T> {
             .collect();
         group.sort_unstable();
         let members: Arc<[usize]> = group.iter().map(|&(_, r)| self.members[r]).collect();
-        let rank = group.iter().position(|&(_, r)| r == self.rank).unwrap_or(0);
+        let Some(rank) = group.iter().position(|&(_, r)| r == self.rank) else {
+            // This rank passed `color`, so its own gathered entry has it: unreachable.
+            debug_assert!(false, "rank {} missing from its own group", self.rank);
+            return Err(CommError::Invalid {
+                op: "split",
+                what: format!("rank {} is missing from its own color's group", self.rank),
+            });
+        };
         Ok(Some(Self {
             hosts: super::Hosts::find(&members, rank, |r| self.transport.host_of(r)),
             transport: Arc::clone(&self.transport),

@@ -346,14 +346,15 @@ fn mismatch(
     spawn(
         2,
         Options {
-            deadline: Duration::from_secs(5),
+            deadline: Duration::from_secs(30),
             small_bytes: 0,
         },
         move |c| {
             let started = std::time::Instant::now();
             let err = f(&c).expect_err("the ranks called different collectives");
+            // Told at once, not at the deadline (generous for a loaded machine).
             assert!(
-                started.elapsed() < Duration::from_secs(2),
+                started.elapsed() < Duration::from_secs(15),
                 "found only after {:?}: {err}",
                 started.elapsed()
             );

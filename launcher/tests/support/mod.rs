@@ -228,3 +228,11 @@ pub fn env_records(stdout: &str) -> std::collections::BTreeMap<u32, serde_json::
         })
         .collect()
 }
+
+/// A port free right now on loopback (the kernel's pick), for tests that must name one.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}

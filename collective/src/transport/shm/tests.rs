@@ -198,3 +198,94 @@ fn a_live_owner_holds_its_lock_and_a_dead_one_does_not() {
     drop(one);
     assert!(!zero.segments[1].owner_alive());
 }
+
+/// Rank 0 of 2 connecting while the test plays rank 1 through `play` (given the store).
+fn connect_against(play: impl FnOnce(u16) + std::marker::Send) -> Result<ShmTransport, ShmError> {
+    let server = StoreServer::bind("127.0.0.1:0".parse().expect("addr")).expect("store");
+    let port = server.local_addr().port();
+    std::thread::scope(|s| {
+        let rank0 = s.spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let t = Duration::from_secs(5);
+                let mut store = StoreClient::connect("127.0.0.1", port, t)
+                    .await
+                    .expect("store");
+                ShmTransport::connect(&mut store, 0, 2, t).await
+            })
+        });
+        play(port);
+        rank0.join().expect("rank 0")
+    })
+}
+
+fn set_key(port: u16, key: &str, value: &[u8]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut store = StoreClient::connect("127.0.0.1", port, Duration::from_secs(5))
+            .await
+            .expect("store");
+        store.set(key, value).await.expect("set");
+    });
+}
+
+fn get_key(port: u16, key: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut store = StoreClient::connect("127.0.0.1", port, Duration::from_secs(5))
+            .await
+            .expect("store");
+        String::from_utf8(store.get(key).await.expect("get")).expect("utf-8")
+    })
+}
+
+#[test]
+fn a_store_value_naming_a_file_opens_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"precious").expect("victim");
+    let path = victim.display().to_string();
+    let err = connect_against(|port| set_key(port, "shm/1", path.as_bytes())).expect_err("refused");
+    assert!(
+        err.to_string().contains("rank 1") && err.to_string().contains("no valid segment"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
+}
+
+#[test]
+fn a_handout_of_something_other_than_a_segment_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, vec![0u8; segment_len(2)]).expect("victim");
+    let err = connect_against(|port| {
+        // A hostile rank 1: a real handout socket that hands over a writable regular file.
+        let hostile = handout::Handout::listen().expect("listen");
+        set_key(port, "shm/1", hostile.name().as_bytes());
+        let name = get_key(port, "shm/0");
+        let _asked = handout::ask(&name, 1).expect("ask rank 0");
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&victim)
+            .expect("victim");
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        use std::os::fd::AsFd;
+        hostile.serve(file.as_fd(), 1, &[0], until).expect("serve");
+    })
+    .expect_err("refused");
+    assert!(err.to_string().contains("rank 1"), "{err}");
+    assert!(std::fs::read(&victim)
+        .expect("victim")
+        .iter()
+        .all(|&b| b == 0));
+}

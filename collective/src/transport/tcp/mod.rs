@@ -18,10 +18,14 @@
 //! peer that breaks the framing breaks only its own link, named in the error.
 
 use std::io::{ErrorKind, IoSlice, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+mod greet;
+
+use greet::{hex, parse_published, GREETING, GREETING_MAGIC};
 
 use super::frame::{Inbox, Receive, Send, Source, Target};
 use super::{Envelope, Screen, Transport, TransportError};
@@ -60,12 +64,6 @@ pub struct TcpTransport {
     /// `links[peer]`; `None` for this rank.
     links: Vec<Option<Mutex<Link>>>,
 }
-
-/// A greeting: [`GREETING_MAGIC`], the listener's secret, the connecting rank.
-const GREETING: usize = 8 + 16 + 8;
-const GREETING_MAGIC: &[u8; 8] = b"ferrun\x00\x01";
-/// How long one connection may take to greet before it is dropped (the mesh waits on).
-const GREETING_WITHIN: Duration = Duration::from_secs(5);
 
 impl TcpTransport {
     /// Builds the mesh: publishes this rank's address and a secret under `store` and connects
@@ -120,28 +118,12 @@ impl TcpTransport {
                 Link::new(stream).map_err(io(format!("set up the link to rank {peer}")))?,
             ));
         }
-        let until = Instant::now() + timeout;
-        let mut missing = size - rank - 1;
-        while missing > 0 {
-            let left = until.saturating_duration_since(Instant::now());
-            let waiting: Vec<usize> = (rank + 1..size).filter(|&p| links[p].is_none()).collect();
-            let (mut stream, from) = accept_within(&listener, left)
-                .map_err(io(format!("accept ranks {waiting:?} (of {size})")))?;
-            match greeting(&mut stream, left.min(GREETING_WITHIN), &secret) {
-                Ok(peer) if peer > rank && peer < size && links[peer].is_none() => {
-                    links[peer] = Some(Mutex::new(
-                        Link::new(stream).map_err(io(format!("set up the link to rank {peer}")))?,
-                    ));
-                    missing -= 1;
-                }
-                Ok(peer) => tracing::warn!(
-                    "dropped a connection from {from} claiming rank {peer}: not a rank this one \
-                     accepts (ranks above {rank} of {size}, once each)"
-                ),
-                Err(e) => tracing::warn!(
-                    "dropped a connection from {from} that is not a rank of this job: {e}"
-                ),
-            }
+        for (peer, stream) in greet::accept_ranks(&listener, rank, size, &secret, timeout)
+            .map_err(io(format!("accept the ranks above {rank} (of {size})")))?
+        {
+            links[peer] = Some(Mutex::new(
+                Link::new(stream).map_err(io(format!("set up the link to rank {peer}")))?,
+            ));
         }
         Ok(Self { rank, size, links })
     }
@@ -158,68 +140,6 @@ impl TcpTransport {
         Ok(link
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner))
-    }
-}
-
-/// Reads a connection's greeting: the rank it claims, if it knows this listener's secret.
-fn greeting(stream: &mut TcpStream, within: Duration, secret: &[u8; 16]) -> std::io::Result<usize> {
-    stream.set_read_timeout(Some(within.max(Duration::from_millis(1))))?;
-    let mut hello = [0u8; GREETING];
-    stream.read_exact(&mut hello)?;
-    if &hello[..8] != GREETING_MAGIC || hello[8..24] != secret[..] {
-        return Err(std::io::Error::new(
-            ErrorKind::InvalidData,
-            "its greeting lacks this job's secret",
-        ));
-    }
-    let mut rank = [0u8; 8];
-    rank.copy_from_slice(&hello[24..]);
-    usize::try_from(u64::from_le_bytes(rank))
-        .map_err(|_| std::io::Error::new(ErrorKind::InvalidData, "rank out of range"))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `"<addr> <32 hex digits>"` as a rank published it.
-fn parse_published(value: &[u8]) -> Option<(SocketAddr, [u8; 16])> {
-    let text = std::str::from_utf8(value).ok()?;
-    let (addr, secret) = text.split_once(' ')?;
-    let mut out = [0u8; 16];
-    if secret.len() != 32 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(secret.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some((addr.parse().ok()?, out))
-}
-
-fn accept_within(
-    listener: &TcpListener,
-    timeout: Duration,
-) -> std::io::Result<(TcpStream, SocketAddr)> {
-    listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match listener.accept() {
-            Ok((stream, from)) => {
-                stream.set_nonblocking(false)?;
-                return Ok((stream, from));
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(std::io::Error::new(
-                        ErrorKind::TimedOut,
-                        format!("no connection within {timeout:?}"),
-                    ));
-                }
-                poll_one(listener.as_raw_fd(), libc::POLLIN, left)?;
-            }
-            Err(e) => return Err(e),
-        }
     }
 }
 
@@ -256,25 +176,6 @@ impl Link {
             unsendable: None,
         })
     }
-}
-
-/// Waits until `fd` is ready for `events`, at most `left`.
-#[allow(unsafe_code)]
-fn poll_one(fd: i32, events: libc::c_short, left: Duration) -> std::io::Result<()> {
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd for the duration of the call.
-    if unsafe { libc::poll(&mut p, 1, ms) } < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-    Ok(())
 }
 
 /// A socket read without waiting: what has arrived, 0 when nothing has.
