@@ -44,11 +44,17 @@ impl Launch<'_> {
         match place {
             Place::OneHost => {
                 let n = self.n.to_string();
-                let status = self
+                let out = self
                     .command(&["--standalone", "--nproc-per-node", &n], None)
-                    .status()
+                    .stderr(Stdio::piped())
+                    .output()
                     .with_context(|| format!("start {name}"))?;
-                ensure!(status.success(), "{name} with {n} ranks failed: {status}");
+                ensure!(
+                    out.status.success(),
+                    "{name} with {n} ranks failed: {}; the errors it printed:\n{}",
+                    out.status,
+                    error_lines(&out.stderr)
+                );
             }
             Place::TwoHosts(hosts) => {
                 ensure!(
@@ -108,6 +114,23 @@ impl Launch<'_> {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         cmd
+    }
+}
+
+/// The lines of a launch's output that say what went wrong (the workers' errors), or its last
+/// lines when none does.
+fn error_lines(output: &[u8]) -> String {
+    let text = String::from_utf8_lossy(output);
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error") || l.contains("error:"))
+        .take(8)
+        .collect();
+    if errors.is_empty() {
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(12)..].join("\n")
+    } else {
+        errors.join("\n")
     }
 }
 

@@ -24,6 +24,34 @@ fn waiting_job(cmd: &mut Command) {
     ]);
 }
 
+/// `ferrun` running [`waiting_job`] under `prlimit` with `limit`.
+fn under_prlimit(limit: &str) -> Command {
+    let mut cmd = Command::new("prlimit");
+    cmd.arg(limit).arg(env!("CARGO_BIN_EXE_ferrun"));
+    for (k, v) in ferrun().get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    waiting_job(&mut cmd);
+    cmd
+}
+
+/// A fresh connection's handshake and PING with `nonce`, as any TCPStore client: the echo.
+fn ping(port: u16, nonce: u32) -> std::io::Result<u32> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut bytes = vec![0u8];
+    bytes.extend_from_slice(&0x3C85_F7CEu32.to_le_bytes());
+    bytes.push(13);
+    bytes.extend_from_slice(&nonce.to_le_bytes());
+    s.write_all(&bytes)?;
+    let mut echo = [0u8; 4];
+    s.read_exact(&mut echo)?;
+    Ok(u32::from_le_bytes(echo))
+}
+
 fn port_of(lines: &std::sync::mpsc::Receiver<String>) -> u16 {
     let line = wait_for_lines(lines, "port=", 1, Duration::from_secs(30)).remove(0);
     line.rsplit('=')
@@ -137,15 +165,7 @@ fn vm_size_kb(pid: u32) -> u64 {
 
 #[test]
 fn store_clients_declaring_huge_values_under_an_address_space_limit_kill_nothing() {
-    let mut cmd = Command::new("prlimit");
-    cmd.arg("--as=1500000000").arg(env!("CARGO_BIN_EXE_ferrun"));
-    for (k, v) in ferrun().get_envs() {
-        match v {
-            Some(v) => cmd.env(k, v),
-            None => cmd.env_remove(k),
-        };
-    }
-    waiting_job(&mut cmd);
+    let mut cmd = under_prlimit("--as=1500000000");
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -168,18 +188,7 @@ fn store_clients_declaring_huge_values_under_an_address_space_limit_kill_nothing
         hostile.push(s);
     }
     // The store still answers (a PING through a fresh connection), and the launcher lives.
-    let mut probe = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    probe
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let mut ping = vec![0u8];
-    ping.extend_from_slice(&0x3C85_F7CEu32.to_le_bytes());
-    ping.push(13);
-    ping.extend_from_slice(&42u32.to_le_bytes());
-    probe.write_all(&ping).expect("ping");
-    let mut nonce = [0u8; 4];
-    probe.read_exact(&mut nonce).expect("the store answers");
-    assert_eq!(u32::from_le_bytes(nonce), 42);
+    assert_eq!(ping(port, 42).expect("the store answers"), 42);
     let vm = vm_size_kb(child.id());
     drop(hostile);
     drop(child.stdin.take());
@@ -204,15 +213,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 #[test]
 fn out_of_file_descriptors_the_store_waits_instead_of_spinning() {
-    let mut cmd = Command::new("prlimit");
-    cmd.arg("--nofile=64:64").arg(env!("CARGO_BIN_EXE_ferrun"));
-    for (k, v) in ferrun().get_envs() {
-        match v {
-            Some(v) => cmd.env(k, v),
-            None => cmd.env_remove(k),
-        };
-    }
-    waiting_job(&mut cmd);
+    let mut cmd = under_prlimit("--nofile=64:64");
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -239,17 +240,10 @@ fn out_of_file_descriptors_the_store_waits_instead_of_spinning() {
     let window = started.elapsed().as_secs_f64();
     // Once clients go, new ones are served.
     drop(clients);
-    let mut ok = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    ok.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let mut ping = vec![0u8];
-    ping.extend_from_slice(&0x3C85_F7CEu32.to_le_bytes());
-    ping.push(13);
-    ping.extend_from_slice(&7u32.to_le_bytes());
-    ok.write_all(&ping).expect("ping");
-    let mut nonce = [0u8; 4];
-    ok.read_exact(&mut nonce)
-        .expect("served again once descriptors free up");
+    assert_eq!(
+        ping(port, 7).expect("served again once descriptors free up"),
+        7
+    );
     drop(child.stdin.take());
     let out = run_child(child, Duration::from_secs(30));
     let (_, stderr) = text(&out);

@@ -7,6 +7,20 @@ use std::time::Duration;
 use super::*;
 use crate::store::StoreServer;
 
+/// Runs `f` with a client of the store at `port`, on a runtime of its own.
+fn with_store<R>(port: u16, f: impl AsyncFnOnce(&mut StoreClient) -> R) -> R {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut store = StoreClient::connect("127.0.0.1", port, Duration::from_secs(10))
+            .await
+            .expect("store");
+        f(&mut store).await
+    })
+}
+
 /// Two ranks of one host, as threads: rank 0's end and rank 1's (the hostile one).
 fn pair() -> (ShmTransport, ShmTransport) {
     let server = StoreServer::bind("127.0.0.1:0".parse().expect("addr")).expect("store");
@@ -15,16 +29,8 @@ fn pair() -> (ShmTransport, ShmTransport) {
         let ranks: Vec<_> = (0..2)
             .map(|rank| {
                 s.spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("runtime");
-                    rt.block_on(async {
-                        let t = Duration::from_secs(10);
-                        let mut store = StoreClient::connect("127.0.0.1", port, t)
-                            .await
-                            .expect("store");
-                        ShmTransport::connect(&mut store, rank, 2, t)
+                    with_store(port, async |store| {
+                        ShmTransport::connect(store, rank, 2, Duration::from_secs(10))
                             .await
                             .expect("shm")
                     })
@@ -205,16 +211,8 @@ fn connect_against(play: impl FnOnce(u16) + std::marker::Send) -> Result<ShmTran
     let port = server.local_addr().port();
     std::thread::scope(|s| {
         let rank0 = s.spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let t = Duration::from_secs(5);
-                let mut store = StoreClient::connect("127.0.0.1", port, t)
-                    .await
-                    .expect("store");
-                ShmTransport::connect(&mut store, 0, 2, t).await
+            with_store(port, async |store| {
+                ShmTransport::connect(store, 0, 2, Duration::from_secs(5)).await
             })
         });
         play(port);
@@ -223,27 +221,13 @@ fn connect_against(play: impl FnOnce(u16) + std::marker::Send) -> Result<ShmTran
 }
 
 fn set_key(port: u16, key: &str, value: &[u8]) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let mut store = StoreClient::connect("127.0.0.1", port, Duration::from_secs(5))
-            .await
-            .expect("store");
-        store.set(key, value).await.expect("set");
+    with_store(port, async |store| {
+        store.set(key, value).await.expect("set")
     });
 }
 
 fn get_key(port: u16, key: &str) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let mut store = StoreClient::connect("127.0.0.1", port, Duration::from_secs(5))
-            .await
-            .expect("store");
+    with_store(port, async |store| {
         String::from_utf8(store.get(key).await.expect("get")).expect("utf-8")
     })
 }
