@@ -313,25 +313,26 @@ fn stray_connections_to_a_rank_are_dropped_and_the_mesh_forms() {
         let silent = std::net::TcpStream::connect(&addr).expect("connect");
         (garbage, no_secret, silent)
     });
-    let ranks: Vec<_> = (0..3)
-        .map(|rank| {
-            std::thread::spawn(move || {
-                let transport = rt().block_on(async {
-                    let t = Duration::from_secs(20);
-                    let mut store = StoreClient::connect("127.0.0.1", port, t)
-                        .await
-                        .expect("store")
-                        .prefixed("comm");
-                    TcpTransport::connect(&mut store, rank, 3, t).await
-                });
-                let c = Communicator::new(Auto::Tcp(transport.expect("mesh")), Options::default());
-                let mut v = [rank as i32 + 1];
-                c.all_reduce(&mut v, ReduceOp::Sum).expect("all_reduce");
-                v[0]
-            })
+    let rank = move |rank: usize| {
+        std::thread::spawn(move || {
+            let transport = rt().block_on(async {
+                let t = Duration::from_secs(20);
+                let mut store = StoreClient::connect("127.0.0.1", port, t)
+                    .await
+                    .expect("store")
+                    .prefixed("comm");
+                TcpTransport::connect(&mut store, rank, 3, t).await
+            });
+            let c = Communicator::new(Auto::Tcp(transport.expect("mesh")), Options::default());
+            let mut v = [rank as i32 + 1];
+            c.all_reduce(&mut v, ReduceOp::Sum).expect("all_reduce");
+            v[0]
         })
-        .collect();
+    };
+    // Rank 0 first; the others once the strays are queued at its listener, ahead of them.
+    let mut ranks = vec![rank(0)];
     let strays = stray.join().expect("stray");
+    ranks.extend([rank(1), rank(2)]);
     for r in ranks {
         assert_eq!(r.join().expect("rank"), 6);
     }

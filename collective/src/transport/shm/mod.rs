@@ -31,13 +31,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::frame::{Inbox, Receive, Send, Source, Target};
+use super::frame::{Receive, Send, Target};
 use super::{Envelope, Fold, Screen, Transport, TransportError};
 use crate::store::{StoreClient, StoreError};
 
 mod handout;
+mod ring;
 mod segment;
 
+use ring::{corrupt, Inbound, Outbound, RingIn};
 use segment::Segment;
 
 /// Bytes of each inbound ring (a power of two).
@@ -105,98 +107,6 @@ fn ring_bell(word: &AtomicU32) {
     word.fetch_add(1, Ordering::Release);
     // SAFETY: a valid futex word; wakes every waiter.
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
-}
-
-/// This rank's side of the ring from a peer: the consumer's own counters.
-#[derive(Debug, Default)]
-struct Inbound {
-    inbox: Inbox,
-    /// Consumed so far (authoritative; published for the producer).
-    tail: u64,
-    /// The producer's head as last seen (it may only grow).
-    seen_head: u64,
-}
-
-/// This rank's side of the ring to a peer: the producer's own counters.
-#[derive(Debug, Default)]
-struct Outbound {
-    /// Produced so far (authoritative; published for the consumer).
-    head: u64,
-    /// The consumer's tail as last seen (it may only grow).
-    seen_tail: u64,
-    /// Why no frame can be sent any more (an earlier one stopped halfway).
-    unsendable: Option<String>,
-}
-
-fn corrupt(peer: usize, what: String) -> TransportError {
-    TransportError::Broken {
-        peer,
-        reason: format!("it wrote impossible ring counters ({what}): not a ferrun peer, or its memory is corrupt"),
-    }
-}
-
-/// The ring from `peer` in this rank's segment, read through the consumer's own counters.
-struct RingIn<'a> {
-    segment: &'a Segment,
-    ring: usize,
-    tail: &'a mut u64,
-    seen_head: &'a mut u64,
-    peer: usize,
-}
-
-impl RingIn<'_> {
-    fn available(&mut self) -> Result<usize, TransportError> {
-        let head = self.segment.word(self.ring).load(Ordering::Acquire);
-        let tail = *self.tail;
-        if head < *self.seen_head || head < tail || head - tail > RING as u64 {
-            return Err(corrupt(
-                self.peer,
-                format!("head {head} after {}, tail {tail}", self.seen_head),
-            ));
-        }
-        *self.seen_head = head;
-        Ok((head - tail) as usize)
-    }
-
-    fn consumed(&mut self, n: usize) {
-        *self.tail += n as u64;
-        self.segment
-            .word(self.ring + 64)
-            .store(*self.tail, Ordering::Release);
-    }
-}
-
-impl Source for RingIn<'_> {
-    fn read(&mut self, out: &mut [u8]) -> Result<usize, TransportError> {
-        let n = self.available()?.min(out.len());
-        if n > 0 {
-            let [a, b] = self
-                .segment
-                .ring_view(self.ring + CONTROL, RING, *self.tail, n);
-            out[..a.len()].copy_from_slice(a);
-            out[a.len()..n].copy_from_slice(b);
-            self.consumed(n);
-        }
-        Ok(n)
-    }
-
-    fn fold(
-        &mut self,
-        scratch: &mut [u8],
-        fold: &mut dyn FnMut(&[u8]),
-    ) -> Result<usize, TransportError> {
-        let n = self.available()?.min(scratch.len());
-        if n > 0 {
-            for piece in self
-                .segment
-                .ring_view(self.ring + CONTROL, RING, *self.tail, n)
-            {
-                fold(piece);
-            }
-            self.consumed(n);
-        }
-        Ok(n)
-    }
 }
 
 /// One rank's end of the shared-memory mesh of a host.
