@@ -315,10 +315,15 @@ impl StoreClient {
         buf: &[u8],
         read: impl for<'a> FnOnce(&'a mut BufStream<TcpStream>) -> ReadFuture<'a, T>,
     ) -> Result<T, StoreError> {
-        if !buf.is_empty() {
-            self.write(buf).await?;
-        }
-        match tokio::time::timeout(self.timeout, read(&mut self.stream)).await {
+        // One deadline for the request and its answer: one timer per call, not two.
+        let stream = &mut self.stream;
+        let exchange = async move {
+            if !buf.is_empty() {
+                wire::send(stream, buf).await?;
+            }
+            read(stream).await
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(self.io(e)),
             Err(_) => Err(self.timed_out("waiting for an answer")),
