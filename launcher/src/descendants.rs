@@ -86,12 +86,19 @@ mod tests {
 
     #[test]
     fn a_marked_child_is_found_and_killed() {
+        use std::io::BufRead;
         let value = format!("test-{}", std::process::id());
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "echo ready; exec sleep 30"])
             .env(MARK, &value)
+            .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("sleep");
+            .expect("sh");
+        // Until it has exec'd, a fresh child shows this process's environment.
+        let mut ready = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut ready)
+            .expect("ready");
         let pid = child.id() as i32;
         assert!(find(&value).iter().any(|&(p, _)| p == pid));
         assert_eq!(kill_all(&value), 1);
