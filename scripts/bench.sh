@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark, each putting ferrun beside its peers in one invocation: the launcher against
-# torchrun, the store against torch's TCPStore, all_reduce against Gloo and OpenMPI.
+# torchrun, the store against torch's TCPStore, all_reduce against Gloo and OpenMPI, ZeRO against
+# torch's DDP, ZeroRedundancyOptimizer and FSDP.
 # Installs what they need (torch 2.13.0 in the reused venv, OpenMPI from Debian).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,3 +16,5 @@ target/release/ferrun-bench store --rounds 50
 mkdir -p bench/out
 target/release/ferrun-bench compare all_reduce --anchors "$anchors" --plot bench/out/all_reduce_busbw.png
 target/release/ferrun-bench compare all_reduce --anchors "$anchors" --two-hosts --plot bench/out/all_reduce_two_hosts_busbw.png
+target/release/ferrun-bench zero --params 100M --ranks 1,2,4
+target/release/ferrun-bench zero --params 100M --ranks 1,2,4,8 --dtype bf16

@@ -2,8 +2,10 @@
 //!
 //! `ferrun-bench launcher` times torchrun and ferrun on the same jobs, interleaved, and prints
 //! min/median and the ratios; `ferrun-bench store` loads ferrun's store server and torch's
-//! TCPStore server with the same clients. Collective benchmarks join as further subcommands.
+//! TCPStore server with the same clients; `collective` and `compare` measure the collectives;
+//! `zero` measures ZeRO's stages beside torch's sharding.
 
+mod alloc;
 mod collective;
 mod compare;
 mod launcher;
@@ -12,6 +14,11 @@ mod peers;
 mod plot;
 mod stats;
 mod store;
+mod zero;
+
+/// Counts what this process allocates (`ferrun-bench zero` measures memory with it).
+#[global_allocator]
+static ALLOCATOR: alloc::Counting = alloc::Counting;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +45,11 @@ enum Command {
     /// One end of the raw TCP link test between `compare --two-hosts`'s hosts.
     #[command(hide = true)]
     Link(link::Options),
+    /// ZeRO stages 0–3: per-rank memory and step time, beside the formulas and torch's sharding.
+    Zero(zero::Options),
+    /// One rank of `zero` (run under ferrun).
+    #[command(hide = true)]
+    ZeroWorker(zero::WorkerOptions),
     /// Hosts a ferrun store server until stdin closes (the bench runs it as a peer process).
     #[command(hide = true)]
     StoreServer,
@@ -51,5 +63,7 @@ fn main() -> anyhow::Result<()> {
         Command::Compare(options) => compare::run(&options),
         Command::Link(options) => link::run(&options),
         Command::StoreServer => store::serve(),
+        Command::Zero(options) => zero::run(&options),
+        Command::ZeroWorker(options) => zero::worker(&options),
     }
 }

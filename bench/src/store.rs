@@ -25,6 +25,10 @@ pub(crate) struct Options {
     /// The torch 2.13 virtualenv (its python hosts torch's server).
     #[arg(long, env = "FERRUN_VENV")]
     venv: PathBuf,
+    /// Load only ferrun's server (torch's takes minutes to greet thousands of clients): for
+    /// tuning, with no ratio printed.
+    #[arg(long)]
+    ferrun_only: bool,
 }
 
 /// The hidden `store-server` subcommand: a ferrun store on a free port until stdin closes.
@@ -67,7 +71,7 @@ impl Drop for Peer {
 pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
     let python = o.venv.join("bin/python");
     ensure!(
-        python.is_file(),
+        o.ferrun_only || python.is_file(),
         "{} not found: run scripts/setup-python.sh",
         python.display()
     );
@@ -90,32 +94,40 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
         let (mut theirs, mut mine) = (Vec::new(), Vec::new());
         for repeat in 0..o.repeats {
             eprintln!("{n} clients: run {}/{}", repeat + 1, o.repeats);
-            let torch = Peer::start({
-                let mut c = Command::new(&python);
-                c.args(["-c", "import sys, torch.distributed as d\ns = d.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)\nprint(s.port, flush=True)\nsys.stdin.read()"]);
-                c
-            })?;
+            let torch = if o.ferrun_only {
+                None
+            } else {
+                Some(Peer::start({
+                    let mut c = Command::new(&python);
+                    c.args(["-c", "import sys, torch.distributed as d\ns = d.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)\nprint(s.port, flush=True)\nsys.stdin.read()"]);
+                    c
+                })?)
+            };
             let ours = Peer::start({
                 let mut c = Command::new(std::env::current_exe()?);
                 c.arg("store-server");
                 c
             })?;
             // Who goes first alternates, so that a machine warming or cooling weighs on both.
-            if repeat % 2 == 0 {
+            let torch_first = repeat % 2 == 0;
+            if let (Some(torch), true) = (&torch, torch_first) {
                 theirs.push(runtime.block_on(load(torch.port, n, o.rounds))?);
-                mine.push(runtime.block_on(load(ours.port, n, o.rounds))?);
-            } else {
-                mine.push(runtime.block_on(load(ours.port, n, o.rounds))?);
+            }
+            mine.push(runtime.block_on(load(ours.port, n, o.rounds))?);
+            if let (Some(torch), false) = (&torch, torch_first) {
                 theirs.push(runtime.block_on(load(torch.port, n, o.rounds))?);
             }
         }
         let torch_ops = Spread::of(theirs.iter().map(|l| l.ops_per_s));
         for (name, runs) in [("torch", &theirs), ("ferrun", &mine)] {
+            if runs.is_empty() {
+                continue;
+            }
             let ops = Spread::of(runs.iter().map(|l| l.ops_per_s));
             let p99 = Spread::of(runs.iter().map(|l| l.p99_us));
             let p50 = Spread::of(runs.iter().map(|l| l.p50_us));
             let connect = Spread::of(runs.iter().map(|l| l.connect_s));
-            let ratio = if name == "ferrun" {
+            let ratio = if name == "ferrun" && !theirs.is_empty() {
                 format!("{:.2}", ops.median / torch_ops.median)
             } else {
                 String::new()

@@ -11,6 +11,8 @@
 //!   pairwise, dissemination), tested without sockets.
 //! - [`transport`]: how bytes move between two ranks; [`transport::mem`] runs ranks as threads.
 //! - [`comm`]: the communicator: every collective over any transport.
+//! - [`zero`]: ZeRO stages 0–3 on flat buffers: sharded optimizers, mixed precision,
+//!   checkpoints that re-shard.
 
 pub mod comm;
 pub mod env;
@@ -18,5 +20,6 @@ pub mod reduce;
 pub mod schedule;
 pub mod store;
 pub mod transport;
+pub mod zero;
 
 pub use env::{EnvError, WorkerEnv};

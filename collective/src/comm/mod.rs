@@ -325,9 +325,27 @@ impl<T: Transport> Communicator<T> {
                 ),
             });
         }
-        let tag = self.next_label::<E>(Kind::AllGather, m, None, None);
         output[self.rank() * m..(self.rank() + 1) * m].copy_from_slice(input);
-        self.flat_ring(|ring| self.ring_all_gather("all_gather", tag, ring, output))
+        self.all_gather_in_place(output)
+    }
+
+    /// [`Communicator::all_gather`] without a copy: `buf` holds `size` equal blocks, this rank's
+    /// already in place at block `rank`; on return every block is its rank's. Matches
+    /// `all_gather` calls on other ranks.
+    ///
+    /// # Errors
+    /// [`CommError::Invalid`] unless `buf` holds a multiple of `size` elements;
+    /// [`CommError::Transport`] naming a peer.
+    pub fn all_gather_in_place<E: Element>(&self, buf: &mut [E]) -> Result<(), CommError> {
+        let n = self.size();
+        if buf.len() % n != 0 {
+            return Err(CommError::Invalid {
+                op: "all_gather",
+                what: format!("{} elements do not split into {n} equal blocks", buf.len()),
+            });
+        }
+        let tag = self.next_label::<E>(Kind::AllGather, buf.len() / n, None, None);
+        self.flat_ring(|ring| self.ring_all_gather("all_gather", tag, ring, buf))
     }
 
     /// Reduces `input` (`size` equal blocks) across ranks; rank `r` gets block `r` in `output`.
@@ -350,11 +368,35 @@ impl<T: Transport> Communicator<T> {
                 ),
             });
         }
-        let tag = self.next_label::<E>(Kind::ReduceScatter, m, Some(op), None);
         let mut acc = input.to_vec();
-        self.flat_ring(|ring| self.ring_reduce_scatter(tag, ring, &mut acc, op))?;
+        self.reduce_scatter_in_place(&mut acc, op)?;
         output.copy_from_slice(&acc[self.rank() * m..(self.rank() + 1) * m]);
-        finish(op, output, n);
+        Ok(())
+    }
+
+    /// [`Communicator::reduce_scatter`] without a copy: `buf` holds `size` equal blocks; block
+    /// `rank` ends reduced, the others hold partial reductions. Matches `reduce_scatter` calls
+    /// on other ranks.
+    ///
+    /// # Errors
+    /// [`CommError::Invalid`] unless `buf` holds a multiple of `size` elements;
+    /// [`CommError::Transport`] naming a peer.
+    pub fn reduce_scatter_in_place<E: Element>(
+        &self,
+        buf: &mut [E],
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        let n = self.size();
+        if buf.len() % n != 0 {
+            return Err(CommError::Invalid {
+                op: "reduce_scatter",
+                what: format!("{} elements do not split into {n} equal blocks", buf.len()),
+            });
+        }
+        let m = buf.len() / n;
+        let tag = self.next_label::<E>(Kind::ReduceScatter, m, Some(op), None);
+        self.flat_ring(|ring| self.ring_reduce_scatter(tag, ring, buf, op))?;
+        finish(op, &mut buf[self.rank() * m..(self.rank() + 1) * m], n);
         Ok(())
     }
 
