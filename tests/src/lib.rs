@@ -3,6 +3,9 @@
 //! - `collective-worker` (a binary): a worker built on `ferrun_collective`, launched by
 //!   `ferrun`, that joins the job's communicator through the agent store and checks every
 //!   collective against a plain reference.
+//! - `zero-worker` (a binary): ZeRO stages 0–3 across the ranks `ferrun` launched, checked
+//!   against stage 0 and to the bit across ranks; a checkpoint saved and loaded at another
+//!   world size (`tests/zero.rs`).
 //! - `tests/operator_jobs.rs`: PyTorchJobs rendered by `ferrun-operator` and run in its local
 //!   mode, their containers running `ferrun` with torch: the operator's environment and the
 //!   launcher's contract must agree.
@@ -31,6 +34,26 @@ pub fn ferrun_binary() -> PathBuf {
     let ferrun = dir.join("ferrun");
     assert!(ferrun.is_file(), "{} is missing: run the suite with `cargo test --workspace` (or build ferrun-launcher first)", ferrun.display());
     ferrun
+}
+
+/// Waits for `child` (stdout and stderr piped) at most `limit`, then kills it.
+///
+/// # Panics
+/// When it runs past `limit`: a hang is a failure, named as one.
+pub fn output_within(
+    child: std::process::Child,
+    limit: std::time::Duration,
+) -> std::process::Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(out) = rx.recv_timeout(limit) else {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        panic!("{pid} did not finish within {limit:?}");
+    };
+    out.expect("output")
 }
 
 /// The virtualenv with torch 2.13.0 that `scripts/setup-python.sh` installs (`FERRUN_VENV`,

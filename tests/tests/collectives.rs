@@ -39,16 +39,7 @@ fn launch(n: usize, transport: &str) -> String {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("ferrun");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let pid = child.id();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let Ok(out) = rx.recv_timeout(Duration::from_secs(50)) else {
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        panic!("ferrun did not finish in time");
-    };
-    let out = out.expect("output");
+    let out = ferrun_tests::output_within(child, Duration::from_secs(50));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");

@@ -20,17 +20,7 @@ fn launch(n: usize, args: &[&str]) -> String {
     .args(args)
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().expect("ferrun");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let Ok(out) = rx.recv_timeout(Duration::from_secs(120)) else {
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        panic!("ferrun did not finish in time");
-    };
-    let out = out.expect("output");
+    let out = ferrun_tests::output_within(cmd.spawn().expect("ferrun"), Duration::from_secs(120));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),

@@ -400,8 +400,9 @@ impl<E: ModelFloat, T: Transport + 'static> Zero<E, T> {
     /// Takes an optimizer step from the reduced gradients (see the module's steps).
     ///
     /// # Errors
-    /// [`ZeroError::Input`] when a bucket was not handed in (nothing is updated, and no
-    /// collective was started for the step); [`ZeroError::Comm`].
+    /// [`ZeroError::Input`] when a bucket was not handed in: nothing is updated, and the step
+    /// can be taken once it is (reductions already started stay matched across ranks);
+    /// [`ZeroError::Comm`].
     pub fn step(&mut self) -> Result<StepReport, ZeroError> {
         self.finish_reductions()?;
         self.next_reduce = 0;

@@ -1,7 +1,7 @@
 //! Gradients into the engine: each bucket's buffer, handed in as backward completes it and
 //! reduced at once on the communicator's thread — all-reduced (stage 0) or reduce-scattered
-//! into the owner's chunk (stages 1–3; stages 2–3 free the bucket's buffer as soon as it is
-//! reduced) — in bucket order on every rank.
+//! in place into the owner's chunk (stages 1–3; stages 2–3 keep only the chunk and give the
+//! bucket's buffer back for reuse as soon as it is reduced) — in bucket order on every rank.
 
 use crate::comm::Handle;
 use crate::reduce::ReduceOp;
