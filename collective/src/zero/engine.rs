@@ -411,21 +411,18 @@ impl<E: ModelFloat, T: Transport + 'static> Zero<E, T> {
         }
         let inv_scale = 1.0 / self.config.loss_scale.scale;
         // This rank's share of the norm and of the non-finite count (stage 0: all of it).
-        let (mut bad, mut sumsq) = (0f64, 0f64);
+        let mut sumsq = 0f64;
         let mut block = [0f32; BLOCK];
         for b in 0..self.plan.buckets().len() {
             for grads in self.owned_grads(b).chunks(BLOCK) {
                 let block = &mut block[..grads.len()];
                 E::widen_scaled(grads, block, inv_scale);
-                for &g in block.iter() {
-                    if g.is_finite() {
-                        sumsq += f64::from(g) * f64::from(g);
-                    } else {
-                        bad += 1.0;
-                    }
-                }
+                sumsq += sum_of_squares(block);
             }
         }
+        // A non-finite gradient makes the sum non-finite (finite f32 squares cannot overflow
+        // an f64 sum), so one flag tells it.
+        let mut bad = f64::from(u8::from(!sumsq.is_finite()));
         if self.config.stage != Stage::Replicated {
             let totals = self
                 .comm
@@ -521,6 +518,21 @@ impl<E: ModelFloat, T: Transport + 'static> Zero<E, T> {
         self.params = params;
         Ok(result?)
     }
+}
+
+/// Σ x², in f64, with independent accumulators so that it vectorizes instead of waiting on
+/// one chain of additions.
+fn sum_of_squares(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f64::from(v) * f64::from(v);
+        }
+    }
+    let tail: f64 = rest.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// Every rank must have built the same plan and configuration: a fingerprint's minimum and
