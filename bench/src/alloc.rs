@@ -69,16 +69,20 @@ pub(crate) fn reset_peak() {
 }
 
 /// This process's resident set now and its high-water mark, in bytes (`/proc/self/status`).
-pub(crate) fn rss() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+///
+/// # Errors
+/// When the file or either field cannot be read: a measurement, never a default.
+pub(crate) fn rss() -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
     let field = |name: &str| {
         status
             .lines()
             .find_map(|l| l.strip_prefix(name))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
+            .map(|kb| kb * 1024)
+            .ok_or_else(|| anyhow::anyhow!("/proc/self/status has no readable {name} field"))
     };
-    (field("VmRSS:"), field("VmHWM:"))
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 /// Resets the resident high-water mark to the current resident set (Linux ≥ 4.0).

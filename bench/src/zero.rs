@@ -136,7 +136,7 @@ fn worker_as<E: ModelFloat>(o: &WorkerOptions) -> anyhow::Result<()> {
     let numel = plan.numel();
     let mut one = [E::ZERO];
     E::narrow(&[INIT], &mut one);
-    let (live0, (rss0, _)) = (alloc::live(), alloc::rss());
+    let (live0, (rss0, _)) = (alloc::live(), alloc::rss()?);
     alloc::reset_rss_peak();
     let initial = vec![one[0]; numel];
     let config = ZeroConfig {
@@ -183,7 +183,7 @@ fn worker_as<E: ModelFloat>(o: &WorkerOptions) -> anyhow::Result<()> {
         }
     }
     let peak = alloc::peak() - live0;
-    let (_, hwm) = alloc::rss();
+    let (_, hwm) = alloc::rss()?;
     let wrong = check(&mut z, o.steps + 1)?;
     times.sort_by(f64::total_cmp);
     if rank == 0 {
@@ -282,6 +282,18 @@ fn loops() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ferrun` running `n` ranks of a program on this host (the program and its arguments follow).
+fn under_ferrun(ferrun: &Path, n: usize) -> Command {
+    let mut cmd = Command::new(ferrun);
+    cmd.args([
+        "--standalone",
+        "--nproc-per-node",
+        &n.to_string(),
+        "--no-python",
+    ]);
+    cmd
+}
+
 fn run_json(mut cmd: Command, json: &Path, what: &str) -> anyhow::Result<Value> {
     let out = cmd.output().with_context(|| format!("start {what}"))?;
     if !out.status.success() {
@@ -325,49 +337,37 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
     for &n in &o.ranks {
         for &s in &o.stages {
             let json = dir.path().join(format!("ferrun-{n}-{s}.json"));
-            let mut cmd = Command::new(&o.ferrun);
-            cmd.args([
-                "--standalone",
-                "--nproc-per-node",
-                &n.to_string(),
-                "--no-python",
-            ])
-            .arg(std::env::current_exe()?)
-            .args([
-                "zero-worker",
-                "--params",
-                &psi.to_string(),
-                "--stage",
-                &s.to_string(),
-                "--dtype",
-                &o.dtype,
-            ])
-            .args(["--steps", &o.steps.to_string(), "--json"])
-            .arg(&json);
+            let mut cmd = under_ferrun(&o.ferrun, n);
+            cmd.arg(std::env::current_exe()?)
+                .args([
+                    "zero-worker",
+                    "--params",
+                    &psi.to_string(),
+                    "--stage",
+                    &s.to_string(),
+                    "--dtype",
+                    &o.dtype,
+                ])
+                .args(["--steps", &o.steps.to_string(), "--json"])
+                .arg(&json);
             eprintln!("ferrun stage {s}, {n} ranks");
             let ours = run_json(cmd, &json, &format!("ferrun stage {s} on {n} ranks"))?;
             let theirs = match (&torch, dtype) {
                 (Some(python), DType::F32) => {
                     let json = dir.path().join(format!("torch-{n}-{s}.json"));
-                    let mut cmd = Command::new(&o.ferrun);
-                    cmd.args([
-                        "--standalone",
-                        "--nproc-per-node",
-                        &n.to_string(),
-                        "--no-python",
-                    ])
-                    .arg(python)
-                    .arg(&o.script)
-                    .args([
-                        "--stage",
-                        &s.to_string(),
-                        "--dim",
-                        &d.to_string(),
-                        "--layers",
-                        &nl.to_string(),
-                    ])
-                    .args(["--steps", &o.steps.to_string(), "--json"])
-                    .arg(&json);
+                    let mut cmd = under_ferrun(&o.ferrun, n);
+                    cmd.arg(python)
+                        .arg(&o.script)
+                        .args([
+                            "--stage",
+                            &s.to_string(),
+                            "--dim",
+                            &d.to_string(),
+                            "--layers",
+                            &nl.to_string(),
+                        ])
+                        .args(["--steps", &o.steps.to_string(), "--json"])
+                        .arg(&json);
                     eprintln!("torch stage-{s} analogue, {n} ranks");
                     Some(
                         run_json(

@@ -478,12 +478,11 @@ impl<E: ModelFloat, T: Transport + 'static> Zero<E, T> {
             .iter_mut()
             .map(|s| &mut s[owned.clone()])
             .collect();
-        let model = &mut self.params[params];
-        let mixed = !self.master.is_empty();
-        let master: &mut [f32] = if mixed {
-            &mut self.master[owned]
-        } else {
-            E::as_f32_mut(model).unwrap_or_default()
+        // An f32 model is its own master; any other keeps f32 masters (`empty` made them).
+        let mixed = E::as_f32(&[]).is_none();
+        let master: &mut [f32] = match E::as_f32_mut(&mut self.params[params]) {
+            Some(model) => model,
+            None => &mut self.master[owned],
         };
         for (i, g) in grads.chunks(BLOCK).enumerate() {
             let at = i * BLOCK..i * BLOCK + g.len();
@@ -497,7 +496,8 @@ impl<E: ModelFloat, T: Transport + 'static> Zero<E, T> {
         }
     }
 
-    /// Stages 1–2: every bucket's updated chunks to every rank, pipelined.
+    /// Stages 1–2: every bucket's updated chunks to every rank, in one job on the
+    /// communicator's thread.
     pub(super) fn gather_updated(&mut self) -> Result<(), ZeroError> {
         // In place: the flat buffer travels to the communicator's thread and back, each owned
         // chunk already where the gather puts it.

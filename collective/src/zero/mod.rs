@@ -19,7 +19,8 @@
 //!   all-reduce, taken before anything is updated.
 //! - Bad input (a gradient of the wrong length, a bucket handed in twice or not at all, a
 //!   plan that differs between ranks, a checkpoint of another model) is a [`ZeroError`] naming
-//!   it; nothing is sent that could leave the ranks unmatched.
+//!   it, caught before the bad call sends anything; a peer left waiting on a rank that stopped
+//!   fails at the communicator's deadline, naming that rank, rather than hanging.
 //!
 //! # Trust
 //! Checkpoint files are read as untrusted: their header is parsed with bounds, every length is

@@ -238,7 +238,9 @@ impl<E: ModelFloat, T: Transport + 'static> Zero<E, T> {
     }
 
     /// Saves a consolidated checkpoint (one shard holding everything) under `dir`, written by
-    /// rank 0; every rank calls it.
+    /// rank 0; every rank calls it. Every rank assembles the whole state for a moment (through
+    /// [`Zero::gather_full`]: master and optimizer state, `4Ψ` bytes each), so it needs that
+    /// much memory free on every rank; [`Zero::save`] needs none.
     ///
     /// # Errors
     /// As [`Zero::save`].
