@@ -14,6 +14,7 @@ mod peers;
 mod plot;
 mod stats;
 mod store;
+mod torch;
 mod zero;
 
 /// Counts what this process allocates (`ferrun-bench zero` measures memory with it).
@@ -45,6 +46,8 @@ enum Command {
     /// One end of the raw TCP link test between `compare --two-hosts`'s hosts.
     #[command(hide = true)]
     Link(link::Options),
+    /// torch.distributed on gloo and on ferrun (`import ferrun.torch`), through torch's API.
+    Torch(torch::Options),
     /// ZeRO stages 0–3: per-rank memory and step time, beside the formulas and torch's sharding.
     Zero(zero::Options),
     /// One rank of `zero` (run under ferrun).
@@ -63,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Command::Compare(options) => compare::run(&options),
         Command::Link(options) => link::run(&options),
         Command::StoreServer => store::serve(),
+        Command::Torch(options) => torch::run(&options),
         Command::Zero(options) => zero::run(&options),
         Command::ZeroWorker(options) => zero::worker(&options),
     }

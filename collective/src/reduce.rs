@@ -27,6 +27,10 @@ pub enum DType {
     I64,
     /// Byte.
     U8,
+    /// 8-bit signed integer.
+    I8,
+    /// 16-bit signed integer.
+    I16,
 }
 
 impl DType {
@@ -35,8 +39,8 @@ impl DType {
         match self {
             Self::F64 | Self::I64 => 8,
             Self::F32 | Self::I32 => 4,
-            Self::F16 | Self::Bf16 => 2,
-            Self::U8 => 1,
+            Self::F16 | Self::Bf16 | Self::I16 => 2,
+            Self::U8 | Self::I8 => 1,
         }
     }
 }
@@ -127,6 +131,8 @@ element!(f32, F32, 0.0, |a, b| min32(a, b), max32(a, b), |x, n| x / n as f32, su
 element!(f64, F64, 0.0, |a, b| min64(a, b), max64(a, b), |x, n| x / n as f64, sum: a + b, prod: a * b);
 element!(i32, I32, 0, |a, b| a.min(b), a.max(b), |x, n| x / n as i32, sum: a.wrapping_add(b), prod: a.wrapping_mul(b));
 element!(i64, I64, 0, |a, b| a.min(b), a.max(b), |x, n| x / n as i64, sum: a.wrapping_add(b), prod: a.wrapping_mul(b));
+element!(i8, I8, 0, |a, b| a.min(b), a.max(b), |x, n| (i64::from(x) / n as i64) as i8, sum: a.wrapping_add(b), prod: a.wrapping_mul(b));
+element!(i16, I16, 0, |a, b| a.min(b), a.max(b), |x, n| (i64::from(x) / n as i64) as i16, sum: a.wrapping_add(b), prod: a.wrapping_mul(b));
 element!(u8, U8, 0, |a, b| a.min(b), a.max(b), |x, n| (x as usize / n) as u8, sum: a.wrapping_add(b), prod: a.wrapping_mul(b));
 element!(f16, F16, f16::ZERO, |a, b| f16::from_f32(min32(a.to_f32(), b.to_f32())), f16::from_f32(max32(a.to_f32(), b.to_f32())),
          |x, n| f16::from_f32(x.to_f32() / n as f32),

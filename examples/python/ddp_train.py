@@ -1,4 +1,5 @@
-"""Data-parallel training with torch DDP (gloo, CPU), launched by ferrun.
+"""Data-parallel training with torch DDP on CPU, launched by ferrun, over ferrun's collectives
+(the torch.distributed backend "ferrun" of `import ferrun.torch`; `--backend gloo` for torch's).
 
     ferrun --standalone --nproc-per-node 4 examples/python/ddp_train.py
 
@@ -34,9 +35,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--out", help="directory to write each rank's final parameters to")
+    parser.add_argument("--backend", choices=["ferrun", "gloo"], default="ferrun")
     args = parser.parse_args()
 
-    dist.init_process_group("gloo")
+    if args.backend == "ferrun":
+        import ferrun.torch  # noqa: F401  (registers the backend)
+    dist.init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # same initial weights everywhere (DDP also broadcasts rank 0's)
 
@@ -70,7 +74,7 @@ def main() -> None:
         with open(os.path.join(args.out, f"rank{rank}.bin"), "wb") as f:
             f.write(bytes(flat.view(torch.uint8).tolist()))  # raw float32, comparable bit for bit
     if rank == 0:
-        print(f"done: {world} ranks hold identical parameters (checksum {flat.double().sum().item():.6f})", flush=True)
+        print(f"done: {world} ranks over {args.backend} hold identical parameters (checksum {flat.double().sum().item():.6f})", flush=True)
     dist.destroy_process_group()
 
 

@@ -1,4 +1,5 @@
-//! The main job: torch DDP (gloo) trains under `ferrun --standalone --nproc-per-node 4`.
+//! The main job: torch DDP over ferrun's torch backend trains under
+//! `ferrun --standalone --nproc-per-node 4`.
 
 mod support;
 
@@ -29,6 +30,10 @@ fn ddp_trains_and_every_rank_ends_with_the_same_parameters() {
         .map(|l| l.rsplit(' ').next().expect("loss").parse().expect("float"))
         .collect();
     assert_eq!(losses.len(), 6, "{stdout}");
+    assert!(
+        stdout.contains("4 ranks over ferrun hold identical parameters"),
+        "{stdout}"
+    );
     assert!(losses[5] < losses[0], "loss did not fall: {losses:?}");
     let params: Vec<Vec<u8>> = (0..4)
         .map(|r| {

@@ -6,6 +6,8 @@
 //! - `zero-worker` (a binary): ZeRO stages 0–3 across the ranks `ferrun` launched, checked
 //!   against stage 0 and to the bit across ranks; a checkpoint saved and loaded at another
 //!   world size (`tests/zero.rs`).
+//! - `tests/torch_backend.rs`: the `ferrun` torch.distributed backend (`import ferrun.torch`)
+//!   with real torch in processes launched by `ferrun` and `torchrun`.
 //! - `tests/operator_jobs.rs`: PyTorchJobs rendered by `ferrun-operator` and run in its local
 //!   mode, their containers running `ferrun` with torch: the operator's environment and the
 //!   launcher's contract must agree.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::{Communicator, Options, Witness};
 use crate::env::{EnvError, WorkerEnv};
-use crate::store::{StoreClient, StoreError};
+use crate::store::{KeyValue, StoreClient, StoreError};
 use crate::transport::mixed::Mixed;
 use crate::transport::shm::{ShmError, ShmTransport};
 use crate::transport::tcp::{BootstrapError, TcpTransport};
@@ -67,55 +67,62 @@ impl Communicator<Auto> {
             .build()
             .map_err(InitError::Runtime)?;
         let join = options.deadline.min(Duration::from_secs(600));
-        let forced = std::env::var("FERRUN_TRANSPORT")
-            .ok()
-            .filter(|t| !t.is_empty() && t != "auto");
         let (rank, size) = (env.rank as usize, env.world_size as usize);
         let transport = runtime.block_on(async {
             let store = StoreClient::connect(&env.master_addr, env.master_port, join).await?;
             // Per attempt, so that a restarted group never meets the addresses of the last one.
             let mut store =
                 store.prefixed(&format!("ferrun/comm/{name}/attempt_{}", env.restart_count));
-            store
-                .set(&format!("host/{rank}"), host_identity().as_bytes())
-                .await?;
-            let keys: Vec<String> = (0..size).map(|r| format!("host/{r}")).collect();
-            let hosts = store
-                .multi_get(&keys.iter().map(String::as_str).collect::<Vec<_>>())
-                .await?;
-            let one_host = hosts.windows(2).all(|w| w[0] == w[1]);
-            let transport = match (forced.as_deref(), one_host) {
-                (Some("shm"), true) | (None, true) => {
-                    Auto::Shm(ShmTransport::connect(&mut store, rank, size, join).await?)
-                }
-                (Some("tcp"), _) => {
-                    Auto::Tcp(TcpTransport::connect(&mut store, rank, size, join).await?)
-                }
-                (None, false) => {
-                    // Several hosts: TCP between every pair of hosts, shared memory within a
-                    // host that holds more than one rank.
-                    let tcp = TcpTransport::connect(&mut store, rank, size, join).await?;
-                    let group: Vec<usize> =
-                        (0..size).filter(|&r| hosts[r] == hosts[rank]).collect();
-                    if group.len() > 1 {
-                        let shm =
-                            ShmTransport::connect_group(&mut store, group, rank, join).await?;
-                        Auto::Mixed(Mixed::new(shm, tcp, &hosts))
-                    } else {
-                        Auto::Tcp(tcp)
-                    }
-                }
-                (Some(other), _) => return Err(InitError::Transport(other.to_owned())),
-            };
+            let transport = Auto::connect(&mut store, rank, size, join).await?;
             Ok::<_, InitError>((transport, store))
         })?;
-        let (transport, mut store) = transport;
-        store.set_timeout(WITNESS_TIMEOUT);
-        let witness = StoreWitness {
-            runtime,
-            store: Mutex::new(store),
-        };
+        let (transport, store) = transport;
+        let witness = StoreWitness::new(runtime, store);
         Ok(Self::new(transport, options).with_witness(Arc::new(witness)))
+    }
+}
+
+impl Auto {
+    /// Connects rank `rank` of `size` to its peers, through addresses published in `store`:
+    /// shared memory between ranks on one host, TCP between hosts (or what
+    /// `FERRUN_TRANSPORT` forces). Every rank of the group calls it with the same store.
+    ///
+    /// # Errors
+    /// As [`Communicator::from_env`].
+    pub async fn connect(
+        store: &mut impl KeyValue,
+        rank: usize,
+        size: usize,
+        timeout: Duration,
+    ) -> Result<Self, InitError> {
+        let forced = std::env::var("FERRUN_TRANSPORT")
+            .ok()
+            .filter(|t| !t.is_empty() && t != "auto");
+        store
+            .set(&format!("host/{rank}"), host_identity().as_bytes())
+            .await?;
+        let keys: Vec<String> = (0..size).map(|r| format!("host/{r}")).collect();
+        let hosts = store.get_all(&keys).await?;
+        let one_host = hosts.windows(2).all(|w| w[0] == w[1]);
+        Ok(match (forced.as_deref(), one_host) {
+            (Some("shm"), true) | (None, true) => {
+                Auto::Shm(ShmTransport::connect(store, rank, size, timeout).await?)
+            }
+            (Some("tcp"), _) => Auto::Tcp(TcpTransport::connect(store, rank, size, timeout).await?),
+            (None, false) => {
+                // Several hosts: TCP between every pair of hosts, shared memory within a host
+                // that holds more than one rank.
+                let tcp = TcpTransport::connect(store, rank, size, timeout).await?;
+                let group: Vec<usize> = (0..size).filter(|&r| hosts[r] == hosts[rank]).collect();
+                if group.len() > 1 {
+                    let shm = ShmTransport::connect_group(store, group, rank, timeout).await?;
+                    Auto::Mixed(Mixed::new(shm, tcp, &hosts))
+                } else {
+                    Auto::Tcp(tcp)
+                }
+            }
+            (Some(other), _) => return Err(InitError::Transport(other.to_owned())),
+        })
     }
 }
 
@@ -124,9 +131,21 @@ const WITNESS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The job's first failure, recorded in the agent store under the communicator's prefix.
 #[derive(Debug)]
-struct StoreWitness {
+pub struct StoreWitness {
     runtime: tokio::runtime::Runtime,
     store: Mutex<StoreClient>,
+}
+
+impl StoreWitness {
+    /// A witness that records under `store`'s prefix, driven by `runtime` (a current-thread
+    /// runtime of the caller's).
+    pub fn new(runtime: tokio::runtime::Runtime, mut store: StoreClient) -> Self {
+        store.set_timeout(WITNESS_TIMEOUT);
+        Self {
+            runtime,
+            store: Mutex::new(store),
+        }
+    }
 }
 
 impl Witness for StoreWitness {

@@ -79,6 +79,11 @@ impl<T: Transport> Communicator<T> {
         };
         match &failure {
             Failure::Mismatch { .. } => self.tell_peers(Label::abort(self.id, tag.call), None),
+            // Passed on, so that a rank waiting on this one (not on the rank that found the
+            // mismatch) hears why, rather than seeing this rank go.
+            Failure::Aborted { peer, .. } => {
+                self.tell_peers(Label::abort(self.id, tag.call), Some(*peer));
+            }
             Failure::PeerLost {
                 lost,
                 reporter,

@@ -46,6 +46,12 @@ pub enum Kind {
     Barrier,
     /// send / recv.
     PointToPoint,
+    /// gather.
+    Gather,
+    /// scatter.
+    Scatter,
+    /// all_to_all with counts of each rank's own (the call's count is the elements it sends).
+    AllToAllV,
 }
 
 /// What a rank called, as far as its peers must agree on it.
@@ -138,7 +144,8 @@ impl Label {
 /// Bytes of an encoded call.
 pub(super) const CALL_BYTES: usize = crate::transport::frame::META;
 
-const KINDS: [Kind; 8] = [
+// New entries go at the end: a code is what peers of other builds read.
+const KINDS: [Kind; 11] = [
     Kind::AllReduce,
     Kind::Broadcast,
     Kind::Reduce,
@@ -147,8 +154,11 @@ const KINDS: [Kind; 8] = [
     Kind::AllToAll,
     Kind::Barrier,
     Kind::PointToPoint,
+    Kind::Gather,
+    Kind::Scatter,
+    Kind::AllToAllV,
 ];
-const DTYPES: [DType; 7] = [
+const DTYPES: [DType; 9] = [
     DType::F32,
     DType::F64,
     DType::F16,
@@ -156,6 +166,8 @@ const DTYPES: [DType; 7] = [
     DType::I32,
     DType::I64,
     DType::U8,
+    DType::I8,
+    DType::I16,
 ];
 const REDUCES: [ReduceOp; 5] = [
     ReduceOp::Sum,
@@ -202,9 +214,10 @@ impl Call {
     }
 }
 
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Kind {
+    /// The operation's name, as errors give it.
+    pub fn name(self) -> &'static str {
+        match self {
             Self::AllReduce => "all_reduce",
             Self::Broadcast => "broadcast",
             Self::Reduce => "reduce",
@@ -213,15 +226,27 @@ impl fmt::Display for Kind {
             Self::AllToAll => "all_to_all",
             Self::Barrier => "barrier",
             Self::PointToPoint => "send/recv",
-        })
+            Self::Gather => "gather",
+            Self::Scatter => "scatter",
+            Self::AllToAllV => "all_to_all_v",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
 impl fmt::Display for Call {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}(", self.kind)?;
-        if let Some(d) = self.dtype {
-            write!(f, "{d:?} × {}", self.count)?;
+        match self.dtype {
+            // Its counts are each rank's own; the call carries none.
+            Some(d) if self.kind == Kind::AllToAllV => write!(f, "{d:?}")?,
+            Some(d) => write!(f, "{d:?} × {}", self.count)?,
+            None => {}
         }
         if let Some(r) = self.reduce {
             write!(f, ", {r:?}")?;

@@ -487,13 +487,14 @@ mod bootstrap;
 mod failure;
 mod label;
 mod overlap;
+mod personalized;
 mod ring;
 mod split;
 mod witness;
 
 use ring::Hosts;
 
-pub use bootstrap::InitError;
+pub use bootstrap::{InitError, StoreWitness};
 pub use overlap::{AsyncCommunicator, Handle};
 
 /// The label of a user message on communicator `comm`: its tag, and what both sides must agree on.

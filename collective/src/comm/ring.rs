@@ -154,7 +154,8 @@ impl<T: Transport> Communicator<T> {
                 let (sent, received) = split_pair(buf, s, r);
                 let mut into = ByteFold::new(op, received);
                 self.exchange_fold(
-                    "reduce_scatter",
+                    // The all-reduce's own name when it is a phase of one.
+                    tag.call.kind.name(),
                     tag,
                     Some((ring.ranks[step.send_to], bytes_of(sent))),
                     Fold {

@@ -20,7 +20,7 @@ const OPS: [ReduceOp; 5] = [
 ];
 
 /// Runs `f` on `n` ranks, one thread each; results in rank order.
-fn spawn<R: Send + 'static>(
+pub(super) fn spawn<R: Send + 'static>(
     n: usize,
     options: Options,
     f: impl Fn(Communicator<MemTransport>) -> R + Send + Sync + 'static,
@@ -48,7 +48,7 @@ fn spawn_on<R: Send + 'static>(
         .collect()
 }
 
-fn options(small_bytes: usize) -> Options {
+pub(super) fn options(small_bytes: usize) -> Options {
     Options {
         deadline: Duration::from_secs(10),
         small_bytes,
@@ -63,6 +63,7 @@ macro_rules! small {
     ($($t:ty => $conv:expr),*) => {$(impl Small for $t { fn small(v: u8) -> Self { ($conv)(v) } })*};
 }
 small!(f32 => f32::from, f64 => f64::from, i32 => i32::from, i64 => i64::from, u8 => |v| v,
+       i8 => |v| v as i8, i16 => i16::from,
        f16 => |v| f16::from_f32(f32::from(v)), bf16 => |v| bf16::from_f32(f32::from(v)));
 
 /// Rank `r`'s element `i` for a reduction: values up to 11, or 1 and 2 for products (2⁸ stays exact).
@@ -174,6 +175,8 @@ fn all_reduce_every_dtype_op_world_and_count() {
     check_all_reduce::<i32>();
     check_all_reduce::<i64>();
     check_all_reduce::<u8>();
+    check_all_reduce::<i8>();
+    check_all_reduce::<i16>();
 }
 
 #[test]

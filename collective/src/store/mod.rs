@@ -10,16 +10,19 @@
 //! - [`request`]: the server's request parser, without I/O (bounded, fuzzed).
 //! - [`server`]: the server (its own thread; waits are wake-ups, not polls).
 //! - [`client`]: the client, with `PrefixStore`-style namespacing.
+//! - [`kv`]: what a communicator's bootstrap needs of any store (ferrun's client or torch's).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 pub mod client;
+pub mod kv;
 pub mod request;
 pub mod server;
 pub mod wire;
 
 pub use client::StoreClient;
+pub use kv::KeyValue;
 pub use server::{Limits, StoreServer};
 
 /// What went wrong with the store, naming the address involved.
@@ -66,6 +69,14 @@ pub enum StoreError {
         addr: String,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// A store of another kind (torch's, through the torch backend) failed.
+    #[error("{store}: {what}")]
+    Foreign {
+        /// Which store.
+        store: String,
+        /// What it said.
+        what: String,
     },
     /// The peer does not speak the protocol.
     #[error("store at {addr}: unexpected answer: {what}")]

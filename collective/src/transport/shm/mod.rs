@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use super::frame::{Receive, Send, Target};
 use super::{Envelope, Fold, Screen, Transport, TransportError};
-use crate::store::{StoreClient, StoreError};
+use crate::store::{KeyValue, StoreError};
 
 mod handout;
 mod ring;
@@ -135,7 +135,7 @@ impl ShmTransport {
     /// # Errors
     /// [`ShmError`] naming the store, peer or operation that failed.
     pub async fn connect(
-        store: &mut StoreClient,
+        store: &mut impl KeyValue,
         rank: usize,
         size: usize,
         timeout: Duration,
@@ -149,7 +149,7 @@ impl ShmTransport {
     /// # Errors
     /// As [`ShmTransport::connect`].
     pub async fn connect_group(
-        store: &mut StoreClient,
+        store: &mut impl KeyValue,
         members: Vec<usize>,
         me: usize,
         timeout: Duration,

@@ -5,7 +5,7 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use super::*;
-use crate::store::StoreServer;
+use crate::store::{StoreClient, StoreServer};
 
 /// Runs `f` with a client of the store at `port`, on a runtime of its own.
 fn with_store<R>(port: u16, f: impl AsyncFnOnce(&mut StoreClient) -> R) -> R {

@@ -29,7 +29,7 @@ use greet::{hex, parse_published, GREETING, GREETING_MAGIC};
 
 use super::frame::{Inbox, Receive, Send, Source, Target};
 use super::{Envelope, Screen, Transport, TransportError};
-use crate::store::{StoreClient, StoreError};
+use crate::store::{KeyValue, StoreError};
 
 /// Why the mesh could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -73,16 +73,15 @@ impl TcpTransport {
     /// # Errors
     /// [`BootstrapError`] naming the store or socket operation that failed.
     pub async fn connect(
-        store: &mut StoreClient,
+        store: &mut impl KeyValue,
         rank: usize,
         size: usize,
         timeout: Duration,
     ) -> Result<Self, BootstrapError> {
         let io = |what: String| move |source| BootstrapError::Io { what, source };
         let ip = store
-            .local_addr()
-            .map_err(io("read the store connection's address".into()))?
-            .ip();
+            .local_ip()
+            .map_err(io("find the local address that reaches the store".into()))?;
         let listener = TcpListener::bind((ip, 0)).map_err(io(format!("listen on {ip}")))?;
         let addr = listener
             .local_addr()

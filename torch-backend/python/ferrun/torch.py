@@ -1,0 +1,627 @@
+"""ferrun's collectives as a torch.distributed backend.
+
+    import ferrun.torch  # registers the backend "ferrun"
+    torch.distributed.init_process_group("ferrun")
+
+Ranks on one host talk over shared memory, ranks on different hosts over TCP (chosen per pair,
+as ferrun's own workers do); the group bootstraps through the store torch hands the backend, so
+sub-groups (``new_group``) and jobs launched by ``ferrun`` or ``torchrun`` work alike.
+
+Every op returns a Work at once; the collective runs on the group's own thread, in call order,
+without the GIL, on the tensors' memory (contiguous CPU tensors in place; others through a
+copy). A peer that dies, or ranks that call different collectives, fail every pending op with
+a RuntimeError naming the cause, within the group's timeout.
+
+What this module trusts: the tensors it is given (it checks device, dtype, layout and sizes
+before anything is queued). What it does not: peers and the store (``ferrun._native`` and
+ferrun's transports validate everything they receive).
+"""
+
+import atexit
+import datetime
+import threading
+import uuid
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch.futures import Future
+
+from . import _native
+
+__all__ = ["ProcessGroupFerrun"]
+
+_CODES = {getattr(torch, name): code for code, name in enumerate(_native.DTYPES)}
+_BYTES = _CODES[torch.uint8]
+_R = dist.ReduceOp.RedOpType
+_OPS = {_R.SUM: "sum", _R.PRODUCT: "product", _R.MIN: "min", _R.MAX: "max", _R.AVG: "avg"}
+# bool reduces as bytes: any-true for SUM and MAX, all-true for PRODUCT and MIN (as NCCL does).
+_BOOL_OPS = {"sum": "max", "max": "max", "product": "min", "min": "min"}
+# torch passes this when the caller gave no timeout of its own.
+_UNSET = datetime.timedelta(milliseconds=-1)
+
+
+def _fail(what):
+    raise ValueError(f"ferrun: {what}")
+
+
+def _check_cpu(tensors):
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise RuntimeError(
+                f"ferrun: a tensor on {t.device}: ferrun's torch backend runs CPU tensors; "
+                "move it with .cpu(), or use the 'nccl' backend for CUDA tensors"
+            )
+        if t.layout != torch.strided:
+            _fail(f"a {t.layout} tensor: only dense (strided) tensors are supported")
+
+
+def _buf(t):
+    return (t.data_ptr(), t.numel())
+
+
+def _reduction(opts, dtype):
+    """The native reduction name and dtype code for reducing tensors of `dtype`."""
+    op = _OPS.get(opts.reduceOp.op)
+    if op is None:
+        _fail(
+            f"reduction {opts.reduceOp.op} is not supported: use SUM, PRODUCT, MIN, MAX or AVG"
+        )
+    if dtype == torch.bool:
+        if op == "avg":
+            _fail("AVG of bool tensors has no meaning: use SUM (any) or MIN (all)")
+        return _BOOL_OPS[op], _BYTES
+    code = _CODES.get(dtype)
+    if code is None:
+        _fail(
+            f"reductions of {dtype} are not supported: use one of "
+            + ", ".join(_native.DTYPES)
+            + " or bool"
+        )
+    return op, code
+
+
+class _Staged:
+    """Tensors as the native ops take them: contiguous, and as bytes for dtypes that are only
+    moved. Copies made for non-contiguous outputs are copied back when the op completes."""
+
+    def __init__(self):
+        self.back = []
+        self.keep = []
+
+    def input(self, t):
+        if t.is_contiguous():
+            return t
+        staged = t.contiguous()
+        self.keep.append(staged)
+        return staged
+
+    def hold(self, t):
+        """Keeps `t` (a buffer of the op's own) alive until the op completes."""
+        self.keep.append(t)
+        return t
+
+    def output(self, t):
+        if t.is_contiguous():
+            return t
+        staged = t.contiguous()
+        self.back.append((t, staged))
+        return staged
+
+    def inout(self, t):
+        return self.output(t)
+
+
+def _moved(t):
+    """`t` (contiguous) and the dtype code it moves as: its own, or bytes."""
+    code = _CODES.get(t.dtype)
+    if code is None:
+        return t.reshape(-1).view(torch.uint8), _BYTES
+    return t, code
+
+
+def _same(tensors, what):
+    first = tensors[0]
+    for t in tensors[1:]:
+        if t.dtype != first.dtype or t.numel() != first.numel():
+            _fail(
+                f"{what}: every tensor must have the dtype and size of the first "
+                f"({first.dtype}, {first.numel()} elements); got {t.dtype}, {t.numel()}"
+            )
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0)
+
+
+def _single(tensors, what):
+    if len(tensors) != 1:
+        _fail(f"{what} takes one tensor per rank (one device); got {len(tensors)}")
+    return tensors[0]
+
+
+def _unwrap(done):
+    return done.value()  # raises the op's error
+
+
+class _Work(dist._Work):
+    """The Work of one op, over the future the native side completes.
+
+    torch's own future-wrapping Work swallows the future's error in `wait()`; this one raises
+    it, so a failed synchronous collective raises where it was called. The native side fails a
+    future with `set_exception`, which torch's C++ (DDP's reducer) would read as a successful
+    result holding an exception object: the future C++ gets (`get_future`) is chained, which
+    turns the failure into a real error there. Chaining costs a few µs, so it is done only for
+    those who ask (`raw`); a future that is already chained is handed out as it is."""
+
+    __slots__ = ("_fut", "_raw", "_chained")
+
+    def __init__(self, fut, raw=False):
+        super().__init__()
+        self._fut, self._raw, self._chained = fut, raw, None
+
+    def wait(self, timeout=_UNSET):
+        # torch passes 0 (kNoTimeout) or -1 ms (unset) for "no timeout of the caller's".
+        if timeout is not None and timeout.total_seconds() > 0:
+            done = threading.Event()
+            self._fut.add_done_callback(lambda _: done.set())
+            if not done.wait(timeout.total_seconds()):
+                raise RuntimeError(
+                    f"ferrun: the op did not complete within the {timeout} given to wait() "
+                    "(it goes on; the group's own timeout bounds it)"
+                )
+        self._fut.wait()  # raises the op's error
+        return True
+
+    def get_future(self):
+        if not self._raw:
+            return self._fut
+        if self._chained is None:
+            self._chained = self._fut.then(_unwrap)
+        return self._chained
+
+    def is_completed(self):
+        return self._fut.done()
+
+    def is_success(self):
+        return self.exception() is None
+
+    def exception(self):
+        if not self._fut.done():
+            return None
+        try:
+            self._fut.wait()
+        except Exception as e:  # noqa: BLE001 - the op's error, whatever it is
+            return e
+        return None
+
+    def result(self):
+        return self._fut.value()
+
+    def source_rank(self):
+        raise RuntimeError("ferrun: recv from any source is not supported")
+
+
+class _StoreAdapter:
+    """torch's store as the native bootstrap reads it: every key under this group's own
+    generation, every wait bounded by the group's timeout."""
+
+    def __init__(self, store, prefix, timeout):
+        self._store, self._prefix, self._timeout = store, prefix, timeout
+
+    def set(self, key, value):
+        self._store.set(self._prefix + key, value)
+
+    def get(self, key):
+        self._store.wait([self._prefix + key], self._timeout)
+        return self._store.get(self._prefix + key)
+
+
+def _tcp_address(store):
+    """The host and port of the TCPStore under `store`'s prefixes, if it is one."""
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    if isinstance(store, dist.TCPStore):
+        return (store.host, store.port)
+    return None
+
+
+class ProcessGroupFerrun(dist.ProcessGroup):
+    """A torch process group over ferrun's collectives (``backend="ferrun"``)."""
+
+    def __init__(self, store, rank, size, timeout):
+        super().__init__(rank, size)
+        if timeout is None or timeout.total_seconds() <= 0:
+            timeout = datetime.timedelta(minutes=30)
+        self._timeout = timeout
+        # A group made again under the same prefix (after destroy_process_group) must never
+        # read the last one's keys: each generation counts its members in.
+        generation = (store.add("ferrun/joined", 1) - 1) // size
+        prefix = f"ferrun/{generation}/"
+        if rank == 0:
+            store.set(prefix + "id", uuid.uuid4().hex)
+        store.wait([prefix + "id"], timeout)
+        group_id = store.get(prefix + "id").decode()
+        _live.add(self)
+        self._group = _native.Group(
+            _StoreAdapter(store, prefix, timeout),
+            rank,
+            size,
+            timeout.total_seconds(),
+            _tcp_address(store),
+            f"ferrun/torch/{group_id}",
+        )
+
+    # -- identity ---------------------------------------------------------------------------
+
+    def getBackendName(self):
+        return "ferrun"
+
+    @property
+    def transport(self):
+        """How this rank reaches its peers: ``shm``, ``tcp`` or ``shm+tcp``."""
+        return self._group.transport
+
+    def shutdown(self):
+        self._group.close()
+
+    def abort(self):
+        self._group.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _work(self, start, result, staged=None):
+        """Queues `start(future, held)`: a Work completed when the op has run (and what was
+        staged is copied back)."""
+        fut = Future()
+        if staged is None or not (staged.back or staged.keep):
+            start(fut, result)
+            return _Work(fut, raw=True)
+        back, keep = staged.back, staged.keep
+        start(fut, (result, keep))
+
+        def finish(done):
+            done.wait()
+            for dst, src in back:
+                dst.copy_(src)
+            return result
+
+        return _Work(fut.then(finish))
+
+    def _root(self, root, what):
+        if not 0 <= root < self.size():
+            _fail(f"{what}: root {root} is not a rank of this {self.size()}-rank group")
+        return root
+
+    # -- reductions -------------------------------------------------------------------------
+
+    def allreduce(self, tensors, opts=None):
+        opts = opts or dist.AllreduceOptions()
+        if len(tensors) == 1:
+            t = tensors[0]
+            if t.is_contiguous() and t.device.type == "cpu" and t.layout == torch.strided:
+                # The common case (every DDP bucket), kept short: it is all overhead.
+                op, code = _reduction(opts, t.dtype)
+                fut = Future()
+                self._group.all_reduce(fut, tensors, [(t.data_ptr(), t.numel())], code, op)
+                return _Work(fut, raw=True)
+        _check_cpu(tensors)
+        if not tensors:
+            return self._work(lambda f, r: f.set_result(r), tensors)
+        if len(tensors) > 1:
+            return self.allreduce_coalesced(tensors, opts)
+        t = tensors[0]
+        op, code = _reduction(opts, t.dtype)
+        staged = _Staged()
+        s = staged.inout(t)
+        group = self._group
+        return self._work(
+            lambda f, r: group.all_reduce(f, r, [_buf(s)], code, op), tensors, staged
+        )
+
+    def allreduce_coalesced(self, tensors, opts=None):
+        opts = opts or dist.AllreduceCoalescedOptions()
+        _check_cpu(tensors)
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) > 1:
+            _fail(f"allreduce_coalesced: tensors of one dtype only; got {sorted(map(str, dtypes))}")
+        if not tensors:
+            return self._work(lambda f, r: f.set_result(r), tensors)
+        op, code = _reduction(opts, tensors[0].dtype)
+        flat = _flat(tensors)
+        group = self._group
+
+        def unflatten(done):
+            done.wait()
+            at = 0
+            for t in tensors:
+                t.copy_(flat[at : at + t.numel()].view_as(t))
+                at += t.numel()
+            return tensors
+
+        fut = Future()
+        group.all_reduce(fut, flat, [_buf(flat)], code, op)
+        return _Work(fut.then(unflatten))
+
+    def reduce(self, tensors, opts=None):
+        opts = opts or dist.ReduceOptions()
+        t = _single(tensors, "reduce")
+        _check_cpu([t])
+        op, code = _reduction(opts, t.dtype)
+        root = self._root(opts.rootRank, "reduce")
+        staged = _Staged()
+        s = staged.inout(t)
+        group = self._group
+        return self._work(lambda f, r: group.reduce(f, r, _buf(s), code, op, root), tensors, staged)
+
+    def reduce_scatter(self, output_tensors, input_tensors, opts=None):
+        opts = opts or dist.ReduceScatterOptions()
+        out = _single(output_tensors, "reduce_scatter")
+        inputs = _single(input_tensors, "reduce_scatter")
+        if len(inputs) != self.size():
+            _fail(f"reduce_scatter: {len(inputs)} inputs for a {self.size()}-rank group")
+        _check_cpu([out, *inputs])
+        _same([out, *inputs], "reduce_scatter")
+        return self._reduce_scatter(out, _flat(inputs), opts, output_tensors, own_input=True)
+
+    def reduce_scatter_single(self, output, input, opts=None):
+        return self._reduce_scatter(output, input, opts or dist.ReduceScatterOptions(), output)
+
+    _reduce_scatter_base = reduce_scatter_single
+
+    def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
+        works = [self.reduce_scatter_single(o, i, opts) for o, i in zip(outputs, inputs)]
+        return works[-1] if works else self._work(lambda f, r: f.set_result(r), outputs)
+
+    def _reduce_scatter(self, output, input, opts, result, own_input=False):
+        _check_cpu([output, input])
+        if output.dtype != input.dtype:
+            _fail(f"reduce_scatter: output is {output.dtype}, input {input.dtype}")
+        if input.numel() != output.numel() * self.size():
+            _fail(
+                f"reduce_scatter: the input holds {input.numel()} elements; it must hold "
+                f"world size × output = {self.size()} × {output.numel()}"
+            )
+        op, code = _reduction(opts, output.dtype)
+        staged = _Staged()
+        i, o = staged.input(input), staged.output(output)
+        if own_input:
+            staged.hold(i)
+        group = self._group
+        return self._work(
+            lambda f, r: group.reduce_scatter(f, r, _buf(i), _buf(o), code, op), result, staged
+        )
+
+    # -- data movement ----------------------------------------------------------------------
+
+    def broadcast(self, tensors, opts=None):
+        opts = opts or dist.BroadcastOptions()
+        t = _single(tensors, "broadcast")
+        _check_cpu([t])
+        root = self._root(opts.rootRank, "broadcast")
+        staged = _Staged()
+        s, code = _moved(staged.inout(t))
+        group = self._group
+        return self._work(lambda f, r: group.broadcast(f, r, _buf(s), code, root), tensors, staged)
+
+    def allgather(self, output_tensors, input_tensors, opts=None):
+        t = _single(input_tensors, "allgather")
+        outs = _single(output_tensors, "allgather")
+        if len(outs) != self.size():
+            _fail(f"allgather: {len(outs)} outputs for a {self.size()}-rank group")
+        _check_cpu([t, *outs])
+        _same([t, *outs], "allgather")
+        flat = torch.empty(t.numel() * self.size(), dtype=t.dtype)
+        i, code = _moved(t.contiguous())
+        o, _ = _moved(flat)
+        group = self._group
+
+        def scatter_out(done):
+            done.wait()
+            for k, out in enumerate(outs):
+                out.copy_(flat[k * t.numel() : (k + 1) * t.numel()].view_as(out))
+            return output_tensors
+
+        fut = Future()
+        group.all_gather(fut, [i, o], _buf(i), _buf(o), code)
+        return _Work(fut.then(scatter_out))
+
+    def all_gather_single(self, output, input, opts=None):
+        _check_cpu([output, input])
+        if output.dtype != input.dtype:
+            _fail(f"all_gather: output is {output.dtype}, input {input.dtype}")
+        if output.numel() != input.numel() * self.size():
+            _fail(
+                f"all_gather: the output holds {output.numel()} elements; it must hold "
+                f"world size × input = {self.size()} × {input.numel()}"
+            )
+        staged = _Staged()
+        i, code = _moved(staged.input(input))
+        o, _ = _moved(staged.output(output))
+        group = self._group
+        return self._work(
+            lambda f, r: group.all_gather(f, r, _buf(i), _buf(o), code), [output], staged
+        )
+
+    _allgather_base = all_gather_single
+
+    def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
+        works = [self.all_gather_single(o, i, opts) for o, i in zip(outputs, inputs)]
+        return works[-1] if works else self._work(lambda f, r: f.set_result(r), outputs)
+
+    def alltoall(self, output_tensors, input_tensors, opts=None):
+        n = self.size()
+        if len(output_tensors) != n or len(input_tensors) != n:
+            _fail(f"alltoall: {len(input_tensors)} inputs and {len(output_tensors)} outputs for a {n}-rank group")
+        _check_cpu([*output_tensors, *input_tensors])
+        dtypes = {t.dtype for t in [*output_tensors, *input_tensors]}
+        if len(dtypes) > 1:
+            _fail(f"alltoall: tensors of one dtype only; got {sorted(map(str, dtypes))}")
+        send = [t.numel() for t in input_tensors]
+        recv = [t.numel() for t in output_tensors]
+        flat_in = _flat(input_tensors)
+        flat_out = torch.empty(sum(recv), dtype=output_tensors[0].dtype)
+        i, code = _moved(flat_in)
+        o, _ = _moved(flat_out)
+        scale = i.numel() // max(flat_in.numel(), 1) if flat_in.numel() else 1
+        group = self._group
+
+        def split_out(done):
+            done.wait()
+            at = 0
+            for t in output_tensors:
+                t.copy_(flat_out[at : at + t.numel()].view_as(t))
+                at += t.numel()
+            return output_tensors
+
+        fut = Future()
+        group.all_to_all(
+            fut, [i, o], _buf(i), _buf(o), code, [c * scale for c in send], [c * scale for c in recv]
+        )
+        return _Work(fut.then(split_out))
+
+    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
+        n = self.size()
+        _check_cpu([output, input])
+        if output.dtype != input.dtype:
+            _fail(f"all_to_all: output is {output.dtype}, input {input.dtype}")
+        staged = _Staged()
+        i, code = _moved(staged.input(input))
+        o, _ = _moved(staged.output(output))
+        group = self._group
+        if not output_split_sizes and not input_split_sizes:
+            if input.numel() != output.numel() or input.numel() % n:
+                _fail(
+                    f"all_to_all: input ({input.numel()}) and output ({output.numel()}) must "
+                    f"hold the same multiple of the world size {n}, or give split sizes"
+                )
+            return self._work(
+                lambda f, r: group.all_to_all(f, r, _buf(i), _buf(o), code), [output], staged
+            )
+        # Split sizes count rows (dim 0); the native op counts elements (of what it moves).
+        def counts(splits, t, what):
+            rows = t.shape[0] if t.dim() else 1
+            if not splits:
+                if rows % n:
+                    _fail(f"all_to_all: {what} has {rows} rows, not a multiple of {n}: give its split sizes")
+                splits = [rows // n] * n
+            if len(splits) != n or sum(splits) != rows or min(splits) < 0:
+                _fail(f"all_to_all: {what} split sizes {list(splits)} must be {n} counts adding up to its {rows} rows")
+            per_row = (t.numel() // rows if rows else 0) * (o.numel() // max(output.numel(), 1) if output.numel() else 1)
+            return [s * per_row for s in splits]
+
+        send = counts(input_split_sizes, input, "the input")
+        recv = counts(output_split_sizes, output, "the output")
+        return self._work(
+            lambda f, r: group.all_to_all(f, r, _buf(i), _buf(o), code, send, recv), [output], staged
+        )
+
+    alltoall_base = all_to_all_single
+
+    def gather(self, output_tensors, input_tensors, opts=None):
+        opts = opts or dist.GatherOptions()
+        t = _single(input_tensors, "gather")
+        root = self._root(opts.rootRank, "gather")
+        _check_cpu([t])
+        i, code = _moved(t.contiguous())
+        group = self._group
+        if self.rank() != root:
+            return self._work(lambda f, r: group.gather(f, r, _buf(i), None, code, root), [i])
+        outs = _single(output_tensors, "gather")
+        if len(outs) != self.size():
+            _fail(f"gather: {len(outs)} outputs at the root for a {self.size()}-rank group")
+        _check_cpu(outs)
+        _same([t, *outs], "gather")
+        flat = torch.empty(t.numel() * self.size(), dtype=t.dtype)
+        o, _ = _moved(flat)
+
+        def split_out(done):
+            done.wait()
+            for k, out in enumerate(outs):
+                out.copy_(flat[k * t.numel() : (k + 1) * t.numel()].view_as(out))
+            return output_tensors
+
+        fut = Future()
+        group.gather(fut, [i, o], _buf(i), _buf(o), code, root)
+        return _Work(fut.then(split_out))
+
+    def scatter(self, output_tensors, input_tensors, opts=None):
+        opts = opts or dist.ScatterOptions()
+        out = _single(output_tensors, "scatter")
+        root = self._root(opts.rootRank, "scatter")
+        _check_cpu([out])
+        staged = _Staged()
+        o, code = _moved(staged.output(out))
+        group = self._group
+        if self.rank() != root:
+            return self._work(
+                lambda f, r: group.scatter(f, r, None, _buf(o), code, root), output_tensors, staged
+            )
+        ins = _single(input_tensors, "scatter")
+        if len(ins) != self.size():
+            _fail(f"scatter: {len(ins)} inputs at the root for a {self.size()}-rank group")
+        _check_cpu(ins)
+        _same([out, *ins], "scatter")
+        i, _ = _moved(staged.hold(_flat(ins)))
+        return self._work(
+            lambda f, r: group.scatter(f, r, _buf(i), _buf(o), code, root),
+            output_tensors,
+            staged,
+        )
+
+    def barrier(self, opts=None):
+        group = self._group
+        return self._work(lambda f, r: group.barrier(f, r), None)
+
+    # -- point to point ---------------------------------------------------------------------
+
+    def _p2p(self, tensors, peer, tag, what):
+        t = _single(tensors, what)
+        _check_cpu([t])
+        if not 0 <= peer < self.size() or peer == self.rank():
+            _fail(f"{what}: peer {peer} must be another rank of this {self.size()}-rank group")
+        if not 0 <= tag < 2**32:
+            _fail(f"{what}: tag {tag} must be in [0, 2³²)")
+        return t
+
+    def send(self, tensors, dstRank, tag):
+        t = self._p2p(tensors, dstRank, tag, "send")
+        staged = _Staged()
+        s, code = _moved(staged.input(t))
+        group = self._group
+        return self._work(
+            lambda f, r: group.send(f, r, _buf(s), code, dstRank, tag), tensors, staged
+        )
+
+    def recv(self, tensors, srcRank, tag):
+        t = self._p2p(tensors, srcRank, tag, "recv")
+        staged = _Staged()
+        s, code = _moved(staged.output(t))
+        group = self._group
+        return self._work(lambda f, r: group.recv(f, r, _buf(s), code, srcRank, tag), tensors, staged)
+
+    def recv_anysource(self, tensors, tag):
+        raise RuntimeError(
+            "ferrun: recv from any source is not supported: name the source rank (dist.recv(t, src=…))"
+        )
+
+
+# Groups not destroyed by the program are closed before the interpreter finalizes: their
+# queued ops complete (or fail) while Python can still run the futures' callbacks.
+_live = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all():
+    for pg in list(_live):
+        group = getattr(pg, "_group", None)
+        if group is not None:
+            group.close()
+
+
+def _create(store, rank, size, timeout):
+    return ProcessGroupFerrun(store, rank, size, timeout)
+
+
+if not hasattr(dist.Backend, "FERRUN"):
+    dist.Backend.register_backend("ferrun", _create, devices=["cpu"])
