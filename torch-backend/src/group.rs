@@ -8,13 +8,11 @@
 //! - The GIL is taken only to complete a future; the collective runs without it.
 //! - `close` runs what is queued, then releases the thread, the sockets and the shared memory.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use ferrun_collective::comm::{CommError, Communicator, Options, StoreWitness};
+use ferrun_collective::comm::{CommError, Communicator};
 use ferrun_collective::reduce::ReduceOp;
-use ferrun_collective::store::StoreClient;
-use ferrun_collective::transport::Auto;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -132,43 +130,6 @@ impl Drop for Group {
     }
 }
 
-fn bootstrap(
-    store: &mut PyStore,
-    rank: usize,
-    size: usize,
-    deadline: Duration,
-    witness_prefix: Option<String>,
-) -> Result<Comm, String> {
-    let runtime = || {
-        // No signal driver (`enable_all`): its socket pair would outlive every group.
-        tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|e| format!("cannot start the bootstrap runtime: {e}"))
-    };
-    let join = deadline.min(Duration::from_secs(600));
-    let transport = runtime()?
-        .block_on(Auto::connect(store, rank, size, join))
-        .map_err(|e| e.to_string())?;
-    let options = Options {
-        deadline,
-        ..Options::default()
-    };
-    let comm = Communicator::new(transport, options);
-    // Ranks agree on the root cause of a failure in the TCPStore when there is one (a short,
-    // bounded client of ferrun's, never a call into Python from the group's thread).
-    let (Some((host, port)), Some(prefix)) = (&store.address, witness_prefix) else {
-        return Ok(comm);
-    };
-    let witness_runtime = runtime()?;
-    let client = witness_runtime
-        .block_on(StoreClient::connect(host, *port, Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?
-        .prefixed(&prefix);
-    Ok(comm.with_witness(Arc::new(StoreWitness::new(witness_runtime, client))))
-}
-
 #[pymethods]
 impl Group {
     /// Joins the group: every rank calls it with the same store.
@@ -195,7 +156,7 @@ impl Group {
             address,
         };
         let comm = py
-            .detach(|| bootstrap(&mut store, rank, size, deadline, witness_prefix))
+            .detach(|| crate::store::join(&mut store, rank, size, deadline, witness_prefix))
             .map_err(|e| {
                 PyRuntimeError::new_err(format!(
                     "ferrun: rank {rank} of {size} cannot join its group: {e}"
@@ -466,11 +427,7 @@ impl Group {
         peer: usize,
         tag: u32,
     ) -> PyResult<()> {
-        with_element!(dtype, E => {
-            let raw = Raw::new::<E>("send", buf).map_err(invalid)?;
-            // SAFETY: as in `all_reduce`.
-            self.run(py, fut, result, None, move |c| c.send(unsafe { raw.slice::<E>() }, peer, tag))
-        }, else Err(unknown_dtype(dtype)))
+        self.p2p(py, fut, result, (buf, dtype), peer, tag, true)
     }
 
     /// Receives into `buf` what `peer` sent under `tag`.
@@ -485,10 +442,32 @@ impl Group {
         peer: usize,
         tag: u32,
     ) -> PyResult<()> {
+        self.p2p(py, fut, result, (buf, dtype), peer, tag, false)
+    }
+}
+
+impl Group {
+    /// `send` (or, with `sending` false, `recv`): never on the caller's thread, which a
+    /// receive could block until the peer sends.
+    #[allow(clippy::too_many_arguments)]
+    fn p2p(
+        &self,
+        py: Python<'_>,
+        fut: Py<PyAny>,
+        result: Py<PyAny>,
+        (buf, dtype): (Buf, usize),
+        peer: usize,
+        tag: u32,
+        sending: bool,
+    ) -> PyResult<()> {
+        let what = if sending { "send" } else { "recv" };
         with_element!(dtype, E => {
-            let raw = Raw::new::<E>("recv", buf).map_err(invalid)?;
-            // SAFETY: as in `all_reduce`.
-            self.run(py, fut, result, None, move |c| c.recv(unsafe { raw.slice::<E>() }, peer, tag))
+            let raw = Raw::new::<E>(what, buf).map_err(invalid)?;
+            self.run(py, fut, result, None, move |c| {
+                // SAFETY: as in `all_reduce`.
+                let buf = unsafe { raw.slice::<E>() };
+                if sending { c.send(buf, peer, tag) } else { c.recv(buf, peer, tag) }
+            })
         }, else Err(unknown_dtype(dtype)))
     }
 }

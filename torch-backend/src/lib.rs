@@ -1,13 +1,13 @@
 //! `ferrun._native`: the native half of `ferrun.torch`, the torch.distributed backend.
 //!
-//! The Python half (`python/ferrun/torch.py`) subclasses `torch.distributed.ProcessGroup`,
+//! The Python half (`python/ferrun/torch/`) subclasses `torch.distributed.ProcessGroup`,
 //! checks and flattens tensors and hands this module plain memory: a data pointer, an element
 //! count and a dtype code per buffer, with the tensor objects to keep alive. Each op is queued
 //! on the group's own thread (collectives run in the order they were called, as on every rank)
 //! and completes a `torch.futures.Future` from there, so Python never waits with the GIL held.
 //!
 //! # Layout
-//! - [`store`]: torch's store (any kind) as the bootstrap's key/value store.
+//! - [`store`]: joining a group through torch's store (any kind).
 //! - [`tensor`]: buffers from pointers, and the dtype table.
 //! - [`engine`]: where ops run: in order, on the group's thread or (small ones) the caller's.
 //! - [`group`]: the `Group` class: bootstrap, every op, close.

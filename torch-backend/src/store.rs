@@ -1,6 +1,6 @@
-//! torch's store as the bootstrap's [`KeyValue`]: the Python half passes an object with
-//! `set(key, value)` and `get(key)` (which waits, bounded by the group's timeout) over the
-//! store torch gave the backend — a `PrefixStore` over a TCPStore, a FileStore, a HashStore —
+//! Joining a group through torch's store, which serves as the bootstrap's [`KeyValue`]: the
+//! Python half passes an object with `set(key, value)` and `get(key)` (which waits, bounded by
+//! the group's timeout) over the store torch gave the backend — a `PrefixStore` over a TCPStore, a FileStore, a HashStore —
 //! so sub-groups and jobs launched by torchrun or ferrun bootstrap alike.
 //!
 //! # Trust
@@ -8,10 +8,16 @@
 //! [`StoreError::Foreign`] with its message.
 
 use std::net::{IpAddr, Ipv4Addr, ToSocketAddrs, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
 
-use ferrun_collective::store::{KeyValue, StoreError};
+use ferrun_collective::comm::{Communicator, Options, StoreWitness};
+use ferrun_collective::store::{KeyValue, StoreClient, StoreError};
+use ferrun_collective::transport::Auto;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
+
+use crate::engine::Comm;
 
 /// torch's store, reached through the Python half's adapter.
 pub(crate) struct PyStore {
@@ -75,4 +81,46 @@ pub(crate) fn route_to(host: &str, port: u16) -> std::io::Result<IpAddr> {
     let probe = UdpSocket::bind((any, 0))?;
     probe.connect(target)?;
     Ok(probe.local_addr()?.ip())
+}
+
+/// Connects rank `rank` of `size` to its peers through `store`; the communicator, its every
+/// receive bounded by `deadline`.
+///
+/// # Errors
+/// What failed, naming the store, the peer or the step.
+pub(crate) fn join(
+    store: &mut PyStore,
+    rank: usize,
+    size: usize,
+    deadline: Duration,
+    witness_prefix: Option<String>,
+) -> Result<Comm, String> {
+    let runtime = || {
+        // No signal driver (`enable_all`): its socket pair would outlive every group.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| format!("cannot start the bootstrap runtime: {e}"))
+    };
+    let join = deadline.min(Duration::from_secs(600));
+    let transport = runtime()?
+        .block_on(Auto::connect(store, rank, size, join))
+        .map_err(|e| e.to_string())?;
+    let options = Options {
+        deadline,
+        ..Options::default()
+    };
+    let comm = Communicator::new(transport, options);
+    // Ranks agree on the root cause of a failure in the TCPStore when there is one (a short,
+    // bounded client of ferrun's, never a call into Python from the group's thread).
+    let (Some((host, port)), Some(prefix)) = (&store.address, witness_prefix) else {
+        return Ok(comm);
+    };
+    let witness_runtime = runtime()?;
+    let client = witness_runtime
+        .block_on(StoreClient::connect(host, *port, Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?
+        .prefixed(&prefix);
+    Ok(comm.with_witness(Arc::new(StoreWitness::new(witness_runtime, client))))
 }

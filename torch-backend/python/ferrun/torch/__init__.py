@@ -19,7 +19,6 @@ ferrun's transports validate everything they receive).
 
 import atexit
 import datetime
-import threading
 import uuid
 import weakref
 
@@ -27,203 +26,24 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from . import _native
+from .. import _native
+from ._util import (
+    _Staged,
+    _StoreAdapter,
+    _Work,
+    _buf,
+    _check_cpu,
+    _fail,
+    _flat,
+    _moved,
+    _reduction,
+    _same,
+    _single,
+    _tcp_address,
+    _unflatten_into,
+)
 
 __all__ = ["ProcessGroupFerrun"]
-
-_CODES = {getattr(torch, name): code for code, name in enumerate(_native.DTYPES)}
-_BYTES = _CODES[torch.uint8]
-_R = dist.ReduceOp.RedOpType
-_OPS = {_R.SUM: "sum", _R.PRODUCT: "product", _R.MIN: "min", _R.MAX: "max", _R.AVG: "avg"}
-# bool reduces as bytes: any-true for SUM and MAX, all-true for PRODUCT and MIN (as NCCL does).
-_BOOL_OPS = {"sum": "max", "max": "max", "product": "min", "min": "min"}
-# torch passes this when the caller gave no timeout of its own.
-_UNSET = datetime.timedelta(milliseconds=-1)
-
-
-def _fail(what):
-    raise ValueError(f"ferrun: {what}")
-
-
-def _check_cpu(tensors):
-    for t in tensors:
-        if t.device.type != "cpu":
-            raise RuntimeError(
-                f"ferrun: a tensor on {t.device}: ferrun's torch backend runs CPU tensors; "
-                "move it with .cpu(), or use the 'nccl' backend for CUDA tensors"
-            )
-        if t.layout != torch.strided:
-            _fail(f"a {t.layout} tensor: only dense (strided) tensors are supported")
-
-
-def _buf(t):
-    return (t.data_ptr(), t.numel())
-
-
-def _reduction(opts, dtype):
-    """The native reduction name and dtype code for reducing tensors of `dtype`."""
-    op = _OPS.get(opts.reduceOp.op)
-    if op is None:
-        _fail(
-            f"reduction {opts.reduceOp.op} is not supported: use SUM, PRODUCT, MIN, MAX or AVG"
-        )
-    if dtype == torch.bool:
-        if op == "avg":
-            _fail("AVG of bool tensors has no meaning: use SUM (any) or MIN (all)")
-        return _BOOL_OPS[op], _BYTES
-    code = _CODES.get(dtype)
-    if code is None:
-        _fail(
-            f"reductions of {dtype} are not supported: use one of "
-            + ", ".join(_native.DTYPES)
-            + " or bool"
-        )
-    return op, code
-
-
-class _Staged:
-    """Tensors as the native ops take them: contiguous, and as bytes for dtypes that are only
-    moved. Copies made for non-contiguous outputs are copied back when the op completes."""
-
-    def __init__(self):
-        self.back = []
-        self.keep = []
-
-    def input(self, t):
-        if t.is_contiguous():
-            return t
-        staged = t.contiguous()
-        self.keep.append(staged)
-        return staged
-
-    def hold(self, t):
-        """Keeps `t` (a buffer of the op's own) alive until the op completes."""
-        self.keep.append(t)
-        return t
-
-    def output(self, t):
-        if t.is_contiguous():
-            return t
-        staged = t.contiguous()
-        self.back.append((t, staged))
-        return staged
-
-    def inout(self, t):
-        return self.output(t)
-
-
-def _moved(t):
-    """`t` (contiguous) and the dtype code it moves as: its own, or bytes."""
-    code = _CODES.get(t.dtype)
-    if code is None:
-        return t.reshape(-1).view(torch.uint8), _BYTES
-    return t, code
-
-
-def _same(tensors, what):
-    first = tensors[0]
-    for t in tensors[1:]:
-        if t.dtype != first.dtype or t.numel() != first.numel():
-            _fail(
-                f"{what}: every tensor must have the dtype and size of the first "
-                f"({first.dtype}, {first.numel()} elements); got {t.dtype}, {t.numel()}"
-            )
-
-
-def _flat(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0)
-
-
-def _single(tensors, what):
-    if len(tensors) != 1:
-        _fail(f"{what} takes one tensor per rank (one device); got {len(tensors)}")
-    return tensors[0]
-
-
-def _unwrap(done):
-    return done.value()  # raises the op's error
-
-
-class _Work(dist._Work):
-    """The Work of one op, over the future the native side completes.
-
-    torch's own future-wrapping Work swallows the future's error in `wait()`; this one raises
-    it, so a failed synchronous collective raises where it was called. The native side fails a
-    future with `set_exception`, which torch's C++ (DDP's reducer) would read as a successful
-    result holding an exception object: the future C++ gets (`get_future`) is chained, which
-    turns the failure into a real error there. Chaining costs a few µs, so it is done only for
-    those who ask (`raw`); a future that is already chained is handed out as it is."""
-
-    __slots__ = ("_fut", "_raw", "_chained")
-
-    def __init__(self, fut, raw=False):
-        super().__init__()
-        self._fut, self._raw, self._chained = fut, raw, None
-
-    def wait(self, timeout=_UNSET):
-        # torch passes 0 (kNoTimeout) or -1 ms (unset) for "no timeout of the caller's".
-        if timeout is not None and timeout.total_seconds() > 0:
-            done = threading.Event()
-            self._fut.add_done_callback(lambda _: done.set())
-            if not done.wait(timeout.total_seconds()):
-                raise RuntimeError(
-                    f"ferrun: the op did not complete within the {timeout} given to wait() "
-                    "(it goes on; the group's own timeout bounds it)"
-                )
-        self._fut.wait()  # raises the op's error
-        return True
-
-    def get_future(self):
-        if not self._raw:
-            return self._fut
-        if self._chained is None:
-            self._chained = self._fut.then(_unwrap)
-        return self._chained
-
-    def is_completed(self):
-        return self._fut.done()
-
-    def is_success(self):
-        return self.exception() is None
-
-    def exception(self):
-        if not self._fut.done():
-            return None
-        try:
-            self._fut.wait()
-        except Exception as e:  # noqa: BLE001 - the op's error, whatever it is
-            return e
-        return None
-
-    def result(self):
-        return self._fut.value()
-
-    def source_rank(self):
-        raise RuntimeError("ferrun: recv from any source is not supported")
-
-
-class _StoreAdapter:
-    """torch's store as the native bootstrap reads it: every key under this group's own
-    generation, every wait bounded by the group's timeout."""
-
-    def __init__(self, store, prefix, timeout):
-        self._store, self._prefix, self._timeout = store, prefix, timeout
-
-    def set(self, key, value):
-        self._store.set(self._prefix + key, value)
-
-    def get(self, key):
-        self._store.wait([self._prefix + key], self._timeout)
-        return self._store.get(self._prefix + key)
-
-
-def _tcp_address(store):
-    """The host and port of the TCPStore under `store`'s prefixes, if it is one."""
-    while isinstance(store, dist.PrefixStore):
-        store = store.underlying_store
-    if isinstance(store, dist.TCPStore):
-        return (store.host, store.port)
-    return None
 
 
 class ProcessGroupFerrun(dist.ProcessGroup):
@@ -331,17 +151,9 @@ class ProcessGroupFerrun(dist.ProcessGroup):
         flat = _flat(tensors)
         group = self._group
 
-        def unflatten(done):
-            done.wait()
-            at = 0
-            for t in tensors:
-                t.copy_(flat[at : at + t.numel()].view_as(t))
-                at += t.numel()
-            return tensors
-
         fut = Future()
         group.all_reduce(fut, flat, [_buf(flat)], code, op)
-        return _Work(fut.then(unflatten))
+        return _Work(fut.then(_unflatten_into(flat, tensors, tensors)))
 
     def reduce(self, tensors, opts=None):
         opts = opts or dist.ReduceOptions()
@@ -416,15 +228,9 @@ class ProcessGroupFerrun(dist.ProcessGroup):
         o, _ = _moved(flat)
         group = self._group
 
-        def scatter_out(done):
-            done.wait()
-            for k, out in enumerate(outs):
-                out.copy_(flat[k * t.numel() : (k + 1) * t.numel()].view_as(out))
-            return output_tensors
-
         fut = Future()
         group.all_gather(fut, [i, o], _buf(i), _buf(o), code)
-        return _Work(fut.then(scatter_out))
+        return _Work(fut.then(_unflatten_into(flat, outs, output_tensors)))
 
     def all_gather_single(self, output, input, opts=None):
         _check_cpu([output, input])
@@ -466,19 +272,11 @@ class ProcessGroupFerrun(dist.ProcessGroup):
         scale = i.numel() // max(flat_in.numel(), 1) if flat_in.numel() else 1
         group = self._group
 
-        def split_out(done):
-            done.wait()
-            at = 0
-            for t in output_tensors:
-                t.copy_(flat_out[at : at + t.numel()].view_as(t))
-                at += t.numel()
-            return output_tensors
-
         fut = Future()
         group.all_to_all(
             fut, [i, o], _buf(i), _buf(o), code, [c * scale for c in send], [c * scale for c in recv]
         )
-        return _Work(fut.then(split_out))
+        return _Work(fut.then(_unflatten_into(flat_out, output_tensors, output_tensors)))
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         n = self.size()
@@ -535,15 +333,9 @@ class ProcessGroupFerrun(dist.ProcessGroup):
         flat = torch.empty(t.numel() * self.size(), dtype=t.dtype)
         o, _ = _moved(flat)
 
-        def split_out(done):
-            done.wait()
-            for k, out in enumerate(outs):
-                out.copy_(flat[k * t.numel() : (k + 1) * t.numel()].view_as(out))
-            return output_tensors
-
         fut = Future()
         group.gather(fut, [i, o], _buf(i), _buf(o), code, root)
-        return _Work(fut.then(split_out))
+        return _Work(fut.then(_unflatten_into(flat, outs, output_tensors)))
 
     def scatter(self, output_tensors, input_tensors, opts=None):
         opts = opts or dist.ScatterOptions()
