@@ -202,6 +202,16 @@ fn destroy_process_group_releases_the_group_and_a_new_one_works() {
 }
 
 #[test]
+fn a_program_that_ends_with_ops_queued_exits_cleanly() {
+    for (rank, ok, text) in spawn_ranks(2, "", &["exit"]) {
+        assert!(
+            ok && text.contains(&format!("rank {rank}: exiting")),
+            "rank {rank}:\n{text}"
+        );
+    }
+}
+
+#[test]
 fn ddp_trains_across_two_namespaced_hosts_over_tcp_and_shared_memory() {
     let venv = venv();
     let hosts = ferrun_tests::netns::Hosts::create().expect("two namespaced hosts");

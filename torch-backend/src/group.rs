@@ -8,7 +8,7 @@
 //! - The GIL is taken only to complete a future; the collective runs without it.
 //! - `close` runs what is queued, then releases the thread, the sockets and the shared memory.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ferrun_collective::comm::{CommError, Communicator};
@@ -26,7 +26,9 @@ type Buf = (usize, usize);
 /// One torch process group's communicator.
 #[pyclass(module = "ferrun._native", frozen)]
 pub(crate) struct Group {
-    engine: Mutex<Option<Engine>>,
+    /// Taken only briefly (never across an op, which may need the GIL to finish): an op holds
+    /// its own reference, so `close` never waits on a running op with the GIL held.
+    engine: Mutex<Option<Arc<Engine>>>,
     /// Collectives of at most this many bytes run on the caller's thread when nothing is queued.
     inline_bytes: usize,
     rank: usize,
@@ -82,7 +84,7 @@ fn complete(fut: Py<PyAny>, result: Py<PyAny>, outcome: Result<(), CommError>) {
 }
 
 impl Group {
-    fn engine(&self) -> MutexGuard<'_, Option<Engine>> {
+    fn engine(&self) -> MutexGuard<'_, Option<Arc<Engine>>> {
         self.engine
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -99,24 +101,38 @@ impl Group {
         bytes: Option<usize>,
         job: impl FnOnce(&Comm) -> Result<(), CommError> + Send + 'static,
     ) -> PyResult<()> {
-        let engine = self.engine();
-        let Some(engine) = engine.as_ref() else {
+        let Some(engine) = self.engine().clone() else {
             return Err(PyRuntimeError::new_err(
                 "ferrun: this process group was destroyed; create a new one with init_process_group or new_group",
             ));
         };
         let job = match bytes {
-            Some(b) if b <= self.inline_bytes => match py.detach(|| engine.run_if_idle(job)) {
-                Ok(outcome) => {
-                    complete(fut, result, outcome);
-                    return Ok(());
+            Some(b) if b <= self.inline_bytes => {
+                let ran = py.detach(|| engine.run_if_idle(job));
+                match ran {
+                    Ok(outcome) => {
+                        complete(fut, result, outcome);
+                        release(py, engine);
+                        return Ok(());
+                    }
+                    Err(job) => job,
                 }
-                Err(job) => job,
-            },
+            }
             _ => job,
         };
         engine.submit(Box::new(move |c| complete(fut, result, job(c))));
+        release(py, engine);
         Ok(())
+    }
+}
+
+/// Drops an op's reference to the engine. The last one (the group was closed while the op
+/// ran) joins the engine's thread, whose queued ops need the GIL: it lets go of it first. The
+/// count cannot change under this check: every other holder takes and drops its reference
+/// holding the GIL, as this caller does.
+fn release(py: Python<'_>, engine: Arc<Engine>) {
+    if Arc::strong_count(&engine) == 1 {
+        py.detach(move || drop(engine));
     }
 }
 
@@ -172,7 +188,7 @@ impl Group {
             .and_then(|v| v.parse().ok())
             .unwrap_or(INLINE_BYTES);
         Ok(Self {
-            engine: Mutex::new(Some(engine)),
+            engine: Mutex::new(Some(Arc::new(engine))),
             inline_bytes,
             rank,
             size,

@@ -3,8 +3,11 @@
 #                   get a RuntimeError naming rank VICTIM, within the group's timeout.
 #   mismatch        rank 0 calls all_reduce where the others call broadcast: every rank must
 #                   get an error that names both calls.
-#   lifecycle       destroy_process_group releases the group's threads and descriptors, and a
-#                   new group made after it works.
+#   lifecycle       destroy_process_group releases the group's threads and descriptors (also
+#                   with ops still queued, which complete first), and a new group made after it
+#                   works.
+#   exit            ops still queued when the program ends without destroy_process_group
+#                   complete, and the process exits 0.
 # Each rank prints one line saying what it saw, and exits 0 only when it saw what it must.
 import datetime
 import os
@@ -90,8 +93,13 @@ if case == "lifecycle":
         dist.all_reduce(t)
         assert t[0].item() == sum(range(n)), t[0]
         during = counts()
+        # Queued, not waited for: destroy lets them complete first.
+        pending = [dist.all_reduce(torch.ones(200_000), async_op=True) for _ in range(3)]
         dist.destroy_process_group()
         after = counts()
+        if not all(w.is_completed() and w.is_success() for w in pending):
+            say(f"round {round_}: ops queued before destroy_process_group did not complete")
+            sys.exit(1)
         settled = settled or after
         if after != settled or during[0] <= after[0]:
             say(f"LEAKED in round {round_}: threads/fds after the first group {settled}, during {during}, after {after}")
@@ -99,6 +107,11 @@ if case == "lifecycle":
         if round_ < 3:
             init()
     say(f"released: threads/fds before {before}, after each group {settled}")
+    sys.exit(0)
+
+if case == "exit":
+    pending = [dist.all_reduce(torch.ones(200_000), async_op=True) for _ in range(5)]
+    say("exiting with ops queued")
     sys.exit(0)
 
 say(f"unknown case {case}")
