@@ -86,21 +86,25 @@ mod tests {
 
     #[test]
     fn a_marked_child_is_found_and_killed() {
-        use std::io::BufRead;
         let value = format!("test-{}", std::process::id());
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "echo ready; exec sleep 30"])
+        // No shell: a shell's own `exec` would leave its environment unreadable for a moment
+        // (seen on a loaded machine), and the child must be found once, then killed.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
             .env(MARK, &value)
-            .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("sh");
-        // Until it has exec'd, a fresh child shows this process's environment.
-        let mut ready = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut ready)
-            .expect("ready");
+            .expect("sleep");
         let pid = child.id() as i32;
-        assert!(find(&value).iter().any(|&(p, _)| p == pid));
+        // Until it has exec'd, the fresh child shows this process's environment (no mark):
+        // bounded, it is a matter of microseconds.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !find(&value).iter().any(|&(p, _)| p == pid) {
+            assert!(
+                std::time::Instant::now() < until,
+                "the marked child never showed its mark"
+            );
+            std::thread::yield_now();
+        }
         assert_eq!(kill_all(&value), 1);
         let status = child.wait().expect("wait");
         use std::os::unix::process::ExitStatusExt;
