@@ -83,22 +83,20 @@ fn run_script(
     Ok(serde_json::from_str(&text)?)
 }
 
-fn rows(v: &Value) -> Rows {
-    v["sweep"]
-        .as_array()
-        .map(|rows| {
-            rows.iter()
-                .map(|r| {
-                    (
-                        r["size"].as_u64().unwrap_or(0),
-                        r["time_us"].as_f64().unwrap_or(f64::NAN),
-                        r["busbw"].as_f64().unwrap_or(f64::NAN),
-                        r["wrong"].as_u64().unwrap_or(u64::MAX),
-                    )
-                })
-                .collect()
+/// The sweep's rows; a row without its size is an error (a size of 0 would pair it with
+/// nothing), a missing time reads NaN and a missing count of wrong elements as unchecked.
+fn rows(v: &Value) -> anyhow::Result<Rows> {
+    let rows = v["sweep"].as_array().context("the result holds no sweep")?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r["size"].as_u64().context("a sweep row without its size")?,
+                r["time_us"].as_f64().unwrap_or(f64::NAN),
+                r["busbw"].as_f64().unwrap_or(f64::NAN),
+                r["wrong"].as_u64().unwrap_or(u64::MAX),
+            ))
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// Median and range of `xs`.
@@ -165,7 +163,7 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
                     ],
                     &json,
                 )?;
-                sweeps[b].push(rows(&v));
+                sweeps[b].push(rows(&v)?);
                 if o.params > 0 {
                     eprintln!(
                         "{n} ranks, round {}/{}: {backend} DDP steps",
