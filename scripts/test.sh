@@ -8,6 +8,8 @@ if ! command -v ip >/dev/null; then
   apt-get update -qq && apt-get install -y -qq iproute2
 fi
 export FERRUN_VENV="$(scripts/setup-python.sh)"
+# The trainer links the venv's libtorch.
+eval "$(scripts/libtorch-env.sh "$FERRUN_VENV")"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 log="$(mktemp)"

@@ -15,6 +15,7 @@ mod plot;
 mod stats;
 mod store;
 mod torch;
+mod trainer;
 mod zero;
 
 /// Counts what this process allocates (`ferrun-bench zero` measures memory with it).
@@ -48,6 +49,8 @@ enum Command {
     Link(link::Options),
     /// torch.distributed on gloo and on ferrun (`import ferrun.torch`), through torch's API.
     Torch(torch::Options),
+    /// ferrun-train's samples/s (DDP, overlap, ZeRO) beside torch DDP over Gloo under torchrun.
+    Trainer(trainer::Options),
     /// ZeRO stages 0–3: per-rank memory and step time, beside the formulas and torch's sharding.
     Zero(zero::Options),
     /// One rank of `zero` (run under ferrun).
@@ -67,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         Command::Link(options) => link::run(&options),
         Command::StoreServer => store::serve(),
         Command::Torch(options) => torch::run(&options),
+        Command::Trainer(options) => trainer::run(&options),
         Command::Zero(options) => zero::run(&options),
         Command::ZeroWorker(options) => zero::worker(&options),
     }

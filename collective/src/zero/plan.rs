@@ -62,6 +62,10 @@ pub struct PlanConfig {
     pub bucket_bytes: usize,
     /// Every chunk is a multiple of this many elements (vector-friendly loops).
     pub align: usize,
+    /// A smaller cap for the first bucket (the last parameters, whose gradients backward
+    /// finishes first), so that communication starts early, as torch DDP's 1 MiB first
+    /// bucket; `None` caps it as the others.
+    pub first_bucket_bytes: Option<usize>,
 }
 
 impl Default for PlanConfig {
@@ -69,6 +73,7 @@ impl Default for PlanConfig {
         Self {
             bucket_bytes: 25 << 20,
             align: 16,
+            first_bucket_bytes: None,
         }
     }
 }
@@ -141,10 +146,13 @@ impl ShardPlan {
             return bad("an alignment of 0 elements; use 1 for none".into());
         }
         let bucket_elems = config.bucket_bytes / dtype.size();
-        if bucket_elems == 0 {
+        let first_elems = config.first_bucket_bytes.unwrap_or(config.bucket_bytes) / dtype.size();
+        if bucket_elems == 0 || first_elems == 0 {
             return bad(format!(
                 "a bucket of {} bytes holds no {dtype:?} element",
-                config.bucket_bytes
+                config
+                    .bucket_bytes
+                    .min(config.first_bucket_bytes.unwrap_or(usize::MAX))
             ));
         }
         let mut names = std::collections::HashSet::new();
@@ -193,7 +201,12 @@ impl ShardPlan {
         while end > 0 {
             let mut begin = end - 1;
             let mut len = numels[begin];
-            while begin > 0 && len + numels[begin - 1] <= bucket_elems {
+            let cap = if buckets.is_empty() {
+                first_elems
+            } else {
+                bucket_elems
+            };
+            while begin > 0 && len + numels[begin - 1] <= cap {
                 begin -= 1;
                 len += numels[begin];
             }

@@ -41,6 +41,7 @@ fn engine<T: Transport + 'static>(
         PlanConfig {
             bucket_bytes: 512,
             align: 4,
+            first_bucket_bytes: None,
         },
     )?;
     let initial: Vec<f32> = (0..plan.numel()).map(|i| noise(i, 1)).collect();

@@ -82,13 +82,16 @@ struct Run {
 
 /// The runs this engine owns, one per bucket (its chunk without the padding; stage 0: all), in
 /// logical order (bucket 0 holds the last parameters).
-fn owned_runs<E: ModelFloat, T: Transport + 'static>(z: &Zero<E, T>) -> Vec<Run> {
+fn owned_runs<E: ModelFloat, T: Transport + 'static>(z: &Zero<E, T>, whole: bool) -> Vec<Run> {
     let plan = &z.plan;
     (0..plan.buckets().len())
         .rev()
         .filter_map(|b| {
-            let logical = if z.config.stage == Stage::Replicated {
-                let bucket = &plan.buckets()[b];
+            // A shard holds this rank's chunk of each bucket, at every stage: at stage 0, where
+            // every rank holds everything (`whole` takes all of it), the chunks make the ranks'
+            // shards cover the model exactly once.
+            let bucket = &plan.buckets()[b];
+            let logical = if whole && z.config.stage == Stage::Replicated {
                 bucket.logical..bucket.logical + bucket.len
             } else {
                 plan.chunk_logical(b, z.rank)
@@ -109,9 +112,16 @@ impl<E: ModelFloat, T: Transport + 'static> Zero<E, T> {
         let total: usize = runs.iter().map(|r| r.len).sum();
         let mut arrays = vec![Vec::with_capacity(total); 1 + self.state.len()];
         for run in runs {
-            // A run starts where its bucket's owned piece does.
+            // A run starts where its bucket's owned piece does (stage 0 owns the whole bucket:
+            // the run is its chunk of it).
             let (params, owned) = self.owned_ranges(run.bucket);
-            let owned = owned.start..owned.start + run.len;
+            let skip = if self.config.stage == Stage::Replicated {
+                run.logical - self.plan.buckets()[run.bucket].logical
+            } else {
+                0
+            };
+            let params = params.start + skip..params.end;
+            let owned = owned.start + skip..owned.start + skip + run.len;
             match E::as_f32(&self.params[params.start..params.start + run.len]) {
                 Some(p) if self.master.is_empty() => arrays[0].extend_from_slice(p),
                 _ => arrays[0].extend_from_slice(&self.master[owned.clone()]),
@@ -144,7 +154,7 @@ impl<E: ModelFloat, T: Transport + 'static> Zero<E, T> {
     /// [`ZeroError::Checkpoint`] when any rank could not write (all ranks return an error).
     pub fn save(&self, dir: &Path) -> Result<(), ZeroError> {
         let world = self.plan.world();
-        let runs = owned_runs(self);
+        let runs = owned_runs(self, false);
         let mine = self.write_shard(dir, &shard_name(self.rank, world), &runs);
         let names = (0..world).map(|r| shard_name(r, world)).collect();
         self.finish_save(dir, mine, names)
@@ -196,7 +206,7 @@ impl<E: ModelFloat, T: Transport + 'static> Zero<E, T> {
     /// # Errors
     /// [`ZeroError::Comm`].
     pub fn gather_full(&self) -> Result<Vec<Vec<f32>>, ZeroError> {
-        let runs = owned_runs(self);
+        let runs = owned_runs(self, true);
         let mine = self.shard_arrays(&runs);
         let mut whole: Vec<Vec<f32>> = vec![vec![0.0; self.plan.numel()]; mine.len()];
         let runs: Vec<(usize, usize)> = runs.iter().map(|r| (r.logical, r.len)).collect();

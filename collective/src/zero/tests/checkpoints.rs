@@ -106,6 +106,17 @@ fn saved_at_4_loads_at_3_2_and_1_and_trains_on_as_if_unsharded() {
 }
 
 #[test]
+fn saved_by_four_replicated_ranks_each_shard_holds_its_chunk_and_it_loads_at_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (saved, _) = save_at(4, Stage::Replicated, dir.path(), false);
+    for stage in [Stage::Replicated, Stage::Parameters] {
+        let (loaded, _, steps) = load_at(2, stage, dir.path());
+        assert_eq!(loaded, saved, "{stage:?}");
+        assert_eq!(steps, SHARED.steps as u64);
+    }
+}
+
+#[test]
 fn four_to_one_to_four_round_trips_to_the_bit() {
     let (a, b) = (
         tempfile::tempdir().expect("dir"),
@@ -150,6 +161,7 @@ fn load_errors(
             PlanConfig {
                 bucket_bytes: 256,
                 align: 4,
+                first_bucket_bytes: None,
             },
         )
         .expect("plan");

@@ -56,6 +56,7 @@ fn plan_for(dtype: DType, world: usize) -> ShardPlan {
         PlanConfig {
             bucket_bytes: 256,
             align: 4,
+            first_bucket_bytes: None,
         },
     )
     .expect("a valid plan")

@@ -9,6 +9,7 @@ fn every_element_is_owned_by_exactly_one_rank_and_chunks_are_equal() {
             let config = PlanConfig {
                 bucket_bytes,
                 align: 4,
+                first_bucket_bytes: None,
             };
             let plan = ShardPlan::new(model(), DType::F16, world, config).expect("plan");
             let mut owner = vec![usize::MAX; plan.numel()];
@@ -68,6 +69,7 @@ fn bad_plans_are_refused_with_the_reason() {
     let tiny = PlanConfig {
         bucket_bytes: 1,
         align: 1,
+        first_bucket_bytes: None,
     };
     assert!(err(ShardPlan::new(model(), DType::F32, 2, tiny)).contains("holds no"));
     let mut twice = model();
@@ -75,4 +77,28 @@ fn bad_plans_are_refused_with_the_reason() {
     assert!(err(ShardPlan::new(twice, DType::F32, 2, c)).contains("\"w1\" is listed twice"));
     let huge = vec![ParamSpec::new("h", &[usize::MAX, 2])];
     assert!(err(ShardPlan::new(huge, DType::F32, 2, c)).contains("overflows"));
+}
+
+#[test]
+fn the_first_bucket_has_its_own_smaller_cap() {
+    let config = PlanConfig {
+        bucket_bytes: 4096,
+        align: 4,
+        first_bucket_bytes: Some(64),
+    };
+    let plan = ShardPlan::new(model(), DType::F16, 2, config).expect("plan");
+    let (first, rest) = plan.buckets().split_first().expect("buckets");
+    assert!(
+        first.len * 2 <= 64 || first.params.len() == 1,
+        "the first bucket keeps to its cap"
+    );
+    assert_eq!(
+        first.params.end,
+        plan.params().len(),
+        "the first bucket holds the last parameters"
+    );
+    assert!(
+        rest.iter().any(|b| b.len * 2 > 64),
+        "later buckets use the larger cap"
+    );
 }

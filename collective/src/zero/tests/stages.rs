@@ -222,6 +222,7 @@ fn ranks_that_built_different_plans_are_told_not_hung() {
             PlanConfig {
                 bucket_bytes,
                 align: 4,
+                first_bucket_bytes: None,
             },
         )
         .expect("plan");
