@@ -183,15 +183,17 @@ fn launch(o: &Options, n: usize, run: Run) -> anyhow::Result<(f64, f64)> {
     parse_final(&stdout).with_context(|| format!("{} printed no final line:\n{stdout}", run.name()))
 }
 
+/// Median of the finite values (a failed run is NaN).
 fn median(xs: &[f64]) -> f64 {
-    let mut s = xs.to_vec();
+    let mut s: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
     s.sort_by(f64::total_cmp);
     s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn range(xs: &[f64]) -> (f64, f64) {
-    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let finite = xs.iter().copied().filter(|x| x.is_finite());
+    let lo = finite.clone().fold(f64::INFINITY, f64::min);
+    let hi = finite.fold(f64::NEG_INFINITY, f64::max);
     (lo, hi)
 }
 
@@ -208,11 +210,27 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
     // rates[n][run] = samples/s per round.
     let mut rates = vec![vec![Vec::new(); RUNS.len()]; o.ranks.len()];
     let mut wrong = Vec::new();
+    let mut peer_failures = 0usize;
     for round in 0..o.rounds {
         for (ni, &n) in o.ranks.iter().enumerate() {
             for k in 0..RUNS.len() {
                 let ri = (k + round) % RUNS.len();
-                let (acc, rate) = launch(o, n, RUNS[ri])?;
+                // A peer's crash (torch's gloo aborts now and then here) loses its sample, not
+                // the benchmark; ferrun's own failing is a wrong result.
+                let (acc, rate) = match launch(o, n, RUNS[ri]) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("round {} · {n} ranks · {e:#}", round + 1);
+                        if RUNS[ri] != Run::Torch {
+                            wrong.push(format!("{} on {n} ranks failed", RUNS[ri].name()));
+                        } else {
+                            peer_failures += 1;
+                        }
+                        // Kept as NaN so that per-round ratios stay paired by round.
+                        rates[ni][ri].push(f64::NAN);
+                        continue;
+                    }
+                };
                 eprintln!(
                     "round {}/{} · {n} ranks · {:<28} {rate:>9.0} samples/s  accuracy {acc:.4}",
                     round + 1,
@@ -282,6 +300,9 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
             median(&rates[ni][7]),
             median(&ratios)
         );
+    }
+    if peer_failures > 0 {
+        println!("\ntorch DDP failed in {peer_failures} run(s) (left out of its medians)");
     }
     if !wrong.is_empty() {
         bail!("wrong results:\n{}", wrong.join("\n"));
