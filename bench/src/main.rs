@@ -16,6 +16,7 @@ mod stats;
 mod store;
 mod torch;
 mod trainer;
+mod trainer_hosts;
 mod zero;
 
 /// Counts what this process allocates (`ferrun-bench zero` measures memory with it).

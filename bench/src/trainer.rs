@@ -16,37 +16,43 @@ use anyhow::{bail, Context};
 pub(crate) struct Options {
     /// World sizes, comma separated.
     #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
-    ranks: Vec<usize>,
+    pub(crate) ranks: Vec<usize>,
     /// Rounds.
     #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    pub(crate) rounds: usize,
     /// Epochs per run (the main job's model).
     #[arg(long, default_value_t = 10)]
-    epochs: u64,
+    pub(crate) epochs: u64,
     /// Samples per rank per step.
     #[arg(long, default_value_t = 32)]
-    batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Hidden widths of the wider model the overlap is measured on.
     #[arg(long, default_value = "1024,1024,1024")]
-    wide: String,
+    pub(crate) wide: String,
     /// Epochs of each wide run.
     #[arg(long, default_value_t = 2)]
-    wide_epochs: u64,
+    pub(crate) wide_epochs: u64,
+    /// The two-host overlap runs' link rate in Gbit/s (0: no two-host runs; needs root).
+    #[arg(long, default_value_t = 2.0)]
+    pub(crate) link_gbit: f64,
+    /// Samples per rank per step of the two-host runs.
+    #[arg(long, default_value_t = 128)]
+    pub(crate) link_batch: usize,
     /// A run below this held-out accuracy is wrong.
     #[arg(long, default_value_t = 0.9)]
-    min_accuracy: f64,
+    pub(crate) min_accuracy: f64,
     /// The torch 2.13 virtualenv (scripts/setup-python.sh prints it).
     #[arg(long, env = "FERRUN_VENV")]
-    venv: PathBuf,
+    pub(crate) venv: PathBuf,
     /// The ferrun binary.
     #[arg(long, default_value = "target/release/ferrun")]
-    ferrun: PathBuf,
+    pub(crate) ferrun: PathBuf,
     /// The trainer binary.
     #[arg(long, default_value = "target/release/ferrun-train")]
-    train: PathBuf,
+    pub(crate) train: PathBuf,
     /// torch's side.
     #[arg(long, default_value = "bench/python/trainer_torch.py")]
-    script: PathBuf,
+    pub(crate) script: PathBuf,
 }
 
 /// One configuration of a round.
@@ -102,7 +108,7 @@ const RUNS: [Run; 8] = [
 ];
 
 /// (accuracy, samples/s) from a `final:` line.
-fn parse_final(stdout: &str) -> Option<(f64, f64)> {
+pub(crate) fn parse_final(stdout: &str) -> Option<(f64, f64)> {
     let line = stdout
         .lines()
         .find_map(|l| l.split_once("final: ").map(|p| p.1))?;
@@ -298,6 +304,26 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
             "{n:<6}{:>16.0}{:>16.0}{:>14.3}× ({lo:.3}–{hi:.3})",
             median(&rates[ni][6]),
             median(&rates[ni][7]),
+            median(&ratios)
+        );
+    }
+    if o.link_gbit > 0.0 {
+        let rounds = crate::trainer_hosts::overlap_over_link(o, &mut wrong)?;
+        let ratios: Vec<f64> = rounds.iter().map(|(a, b)| a / b).collect();
+        let (lo, hi) = range(&ratios);
+        let (ov, af): (Vec<f64>, Vec<f64>) = rounds.into_iter().unzip();
+        println!(
+            "\noverlap across two hosts (network namespaces, one rank each, TCP over a {} Gbit/s \
+             link), wide MLP, batch {} per rank",
+            o.link_gbit, o.link_batch
+        );
+        println!(
+            "{:>16}{:>16}{:>24}\n{:>16.0}{:>16.0}{:>14.3}× ({lo:.3}–{hi:.3})",
+            "overlap",
+            "after backward",
+            "overlap / after",
+            median(&ov),
+            median(&af),
             median(&ratios)
         );
     }
