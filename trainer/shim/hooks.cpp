@@ -47,6 +47,41 @@ int ferrun_remove_hook(at::Tensor* t, int64_t handle, char* err, size_t err_cap)
   }
 }
 
+// Called when backward reaches a tensor (before the node that made it runs).
+typedef void (*ferrun_reached_fn)(void* ctx, size_t tag);
+
+// Registers `fn(ctx, tag)` to run when `t`'s gradient is computed; the hook lives as long as
+// `t`'s autograd node (this step's graph). Returns 0, or -1 with the reason in `err`.
+int ferrun_register_reached_hook(at::Tensor* t, ferrun_reached_fn fn, void* ctx, size_t tag,
+                                 char* err, size_t err_cap) {
+  try {
+    t->register_hook([fn, ctx, tag](const at::Tensor&) { fn(ctx, tag); });
+    return 0;
+  } catch (const std::exception& e) {
+    put_error(err, err_cap, e.what());
+    return -1;
+  }
+}
+
+// Gives `t`'s storage `nbytes` of fresh memory (0: frees it), keeping the storage object, so
+// that views of it — autograd's saved ones included — see the memory it has when they are
+// used (FSDP's `untyped_storage().resize_`). The old contents are not kept.
+int ferrun_storage_resize(at::Tensor* t, size_t nbytes, char* err, size_t err_cap) {
+  try {
+    c10::StorageImpl* s = t->storage().unsafeGetStorageImpl();
+    if (nbytes == 0) {
+      s->set_data_ptr_noswap(at::DataPtr(nullptr, s->device()));
+    } else {
+      s->set_data_ptr_noswap(s->allocator()->allocate(nbytes));
+    }
+    s->set_nbytes(nbytes);
+    return 0;
+  } catch (const std::exception& e) {
+    put_error(err, err_cap, e.what());
+    return -1;
+  }
+}
+
 // Drops `t`'s accumulated .grad (set to none, as torch's zero_grad(set_to_none=True)): the
 // trainer takes gradients through the hooks, so nothing should accumulate beside them.
 void ferrun_clear_grad(at::Tensor* t) {

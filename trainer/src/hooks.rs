@@ -31,6 +31,68 @@ extern "C" {
         err_cap: usize,
     ) -> i32;
     fn ferrun_clear_grad(t: *mut torch_sys::C_tensor);
+    fn ferrun_register_reached_hook(
+        t: *mut torch_sys::C_tensor,
+        f: ReachedFn,
+        ctx: *mut c_void,
+        tag: usize,
+        err: *mut c_char,
+        err_cap: usize,
+    ) -> i32;
+    fn ferrun_storage_resize(
+        t: *mut torch_sys::C_tensor,
+        nbytes: usize,
+        err: *mut c_char,
+        err_cap: usize,
+    ) -> i32;
+}
+
+/// A notification that backward reached a tensor: the context and a tag.
+pub(crate) type ReachedFn = unsafe extern "C" fn(*mut c_void, usize);
+
+/// The shim's error text.
+fn shim_error(err: &[c_char]) -> String {
+    // SAFETY: the shim writes NUL-terminated strings, and the buffer starts zeroed.
+    unsafe { CStr::from_ptr(err.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Calls `f(ctx, tag)` when backward reaches `t` (before the node that produced it runs).
+///
+/// # Safety
+/// `ctx` must be what `f` expects and stay valid while `t`'s autograd graph lives.
+pub(crate) unsafe fn on_reached(
+    t: &Tensor,
+    f: ReachedFn,
+    ctx: *mut c_void,
+    tag: usize,
+) -> Result<(), String> {
+    let mut t = t.shallow_clone();
+    let mut err = [0 as c_char; 512];
+    // SAFETY: a live tensor; the shim catches C++ exceptions; the caller vouches for `ctx`.
+    let rc = unsafe {
+        ferrun_register_reached_hook(t.as_mut_ptr(), f, ctx, tag, err.as_mut_ptr(), err.len())
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(shim_error(&err))
+    }
+}
+
+/// Gives `t`'s storage `nbytes` of fresh, uninitialized memory, or frees it (0), keeping the
+/// storage object that `t`'s views share.
+pub(crate) fn resize_storage(t: &Tensor, nbytes: usize) -> Result<(), String> {
+    let mut t = t.shallow_clone();
+    let mut err = [0 as c_char; 512];
+    // SAFETY: a live tensor; the shim catches C++ exceptions.
+    let rc = unsafe { ferrun_storage_resize(t.as_mut_ptr(), nbytes, err.as_mut_ptr(), err.len()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(shim_error(&err))
+    }
 }
 
 /// Hooks registered on tensors, removed on drop.
@@ -62,9 +124,7 @@ impl GradHooks {
             ferrun_register_grad_hook(t.as_mut_ptr(), f, ctx, index, err.as_mut_ptr(), err.len())
         };
         if handle < 0 {
-            // SAFETY: the shim wrote a NUL-terminated string into `err`.
-            let why = unsafe { CStr::from_ptr(err.as_ptr()) };
-            return Err(why.to_string_lossy().into_owned());
+            return Err(shim_error(&err));
         }
         self.registered.push((t, handle));
         Ok(())
@@ -79,9 +139,7 @@ impl Drop for GradHooks {
             let rc =
                 unsafe { ferrun_remove_hook(t.as_mut_ptr(), *handle, err.as_mut_ptr(), err.len()) };
             if rc != 0 {
-                // SAFETY: as above.
-                let why = unsafe { CStr::from_ptr(err.as_ptr()) };
-                tracing::warn!("removing a gradient hook: {}", why.to_string_lossy());
+                tracing::warn!("removing a gradient hook: {}", shim_error(&err));
             }
         }
     }

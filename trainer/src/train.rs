@@ -339,11 +339,10 @@ impl<'c, T: Transport + 'static> Trainer<'c, T> {
             } else {
                 0..0
             };
-            self.par.use_params(self.model.layer_params(l), next)?;
+            let params = self.model.layer_params(l);
+            self.par.before_layer(params.clone(), next)?;
             h = self.model.forward_layer(l, &h);
-        }
-        if !training {
-            self.par.release_params();
+            self.par.after_layer(params, &h, training, l + 1 == depth)?;
         }
         Ok(h)
     }

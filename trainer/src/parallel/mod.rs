@@ -3,9 +3,10 @@
 //! - Parameters: rank 0's initial values reach every rank through the engine (and are checked
 //!   equal by a checksum's minimum and maximum); at stages 0–2 each tch parameter then *is* a
 //!   view of the engine's flat buffer (`from_blob` + `set_data`), so the optimizer's update is
-//!   seen by the model without a copy; at stage 3 a parameter is bound to its bucket's
-//!   gathered buffer by [`Parallel::use_params`] before its layer runs and unbound when the
-//!   step (or, without gradients, the layer) is done.
+//!   seen by the model without a copy; at stage 3 each bucket's parameters are gathered by
+//!   [`Parallel::before_layer`] before their first layer runs, freed by
+//!   [`Parallel::after_layer`] after their last, gathered again when backward reaches them and
+//!   freed once their gradients are in (see `gathered`).
 //! - Gradients: a hook on every parameter (see [`crate::hooks`]) adds its gradient into its
 //!   bucket's buffer as backward produces it; with overlap on, a bucket is handed to the engine
 //!   — and its reduction starts on the communicator's thread — the moment its last parameter
@@ -20,6 +21,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
+use std::ops::Range;
 use std::sync::{Mutex, MutexGuard};
 
 use ferrun_collective::comm::Communicator;
@@ -31,6 +33,12 @@ use tch::{Device, Kind, Tensor};
 use crate::hooks::{clear_grad, GradHooks};
 use crate::TrainError;
 
+mod gathered;
+mod hooked;
+
+use gathered::Gathered;
+use hooked::{on_grad, on_reached};
+
 /// What the hooks and the training loop share.
 struct Shared<T: Transport + 'static> {
     zero: Zero<f32, T>,
@@ -41,6 +49,8 @@ struct Shared<T: Transport + 'static> {
     overlap: bool,
     /// The first thing that went wrong in a hook this step.
     error: Option<TrainError>,
+    /// Stage 3: the buckets' parameters in torch.
+    gathered: Option<Gathered>,
 }
 
 /// A model's parameters bound to a ZeRO engine (see the module's docs).
@@ -49,10 +59,6 @@ pub struct Parallel<T: Transport + 'static> {
     hooks: GradHooks,
     shared: Box<Mutex<Shared<T>>>,
     params: Vec<Tensor>,
-    /// Their shapes (stage 3 unbinds them to no elements between uses).
-    shapes: Vec<Vec<i64>>,
-    /// Stage 3: buckets bound to their gathered buffers now.
-    bound: Vec<bool>,
     /// A sibling communicator for checks and metrics.
     check: Communicator<T>,
 }
@@ -105,6 +111,11 @@ impl<T: Transport + 'static> Parallel<T> {
         let initial = flatten(&params);
         let pending = plan.buckets().iter().map(|b| b.params.len()).collect();
         let nb = plan.buckets().len();
+        let gathered = if config.stage == Stage::Parameters {
+            Some(Gathered::new(&plan, &params)?)
+        } else {
+            None
+        };
         let zero = Zero::new(comm, plan, config, &initial)?;
         let shared = Box::new(Mutex::new(Shared {
             zero,
@@ -112,20 +123,16 @@ impl<T: Transport + 'static> Parallel<T> {
             handed: vec![false; nb],
             overlap,
             error: None,
+            gathered,
         }));
-        let shapes = params.iter().map(Tensor::size).collect();
         let mut me = Self {
             hooks: GradHooks::default(),
             shared,
             params,
-            shapes,
-            bound: vec![false; nb],
             check,
         };
         me.bind_all()?;
-        let ctx = std::ptr::from_ref::<Mutex<Shared<T>>>(&me.shared)
-            .cast_mut()
-            .cast::<c_void>();
+        let ctx = me.ctx();
         for (i, p) in me.params.iter().enumerate() {
             // SAFETY: `ctx` is the boxed Mutex<Shared<T>> `on_grad::<T>` expects; the box lives
             // in `me` beside the hooks, which are dropped first.
@@ -141,6 +148,13 @@ impl<T: Transport + 'static> Parallel<T> {
             )));
         }
         Ok(me)
+    }
+
+    /// What the hooks are handed: the boxed shared state.
+    fn ctx(&self) -> *mut c_void {
+        std::ptr::from_ref::<Mutex<Shared<T>>>(&self.shared)
+            .cast_mut()
+            .cast::<c_void>()
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared<T>> {
@@ -171,60 +185,84 @@ impl<T: Transport + 'static> Parallel<T> {
         let shared = self.lock();
         for (i, p) in self.params.iter().enumerate() {
             let data = shared.zero.param(i).ok_or_else(|| missing(i))?;
-            bind(p, &self.shapes[i], data);
+            bind(p, data);
         }
         Ok(())
     }
 
-    /// Makes parameters `params` usable (stage 3 gathers their buckets; a no-op otherwise)
-    /// and starts gathering those of `next`, the ones used after them.
+    /// Before a layer that uses parameters `params` runs: stage 3 gathers their buckets
+    /// (a no-op at other stages) and starts gathering those of `next`, the layer after.
     ///
     /// # Errors
     /// [`TrainError`] when a gather fails.
-    pub fn use_params(
+    pub fn before_layer(
         &mut self,
-        params: std::ops::Range<usize>,
-        next: std::ops::Range<usize>,
+        params: Range<usize>,
+        next: Range<usize>,
     ) -> Result<(), TrainError> {
-        if self.stage() != Stage::Parameters {
+        let mut guard = self.lock();
+        let shared = &mut *guard;
+        let Some(gathered) = shared.gathered.as_mut() else {
             return Ok(());
-        }
-        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        let buckets = |s: &Shared<T>, r: std::ops::Range<usize>| -> Vec<usize> {
-            let mut b: Vec<usize> = r
-                .filter_map(|i| s.zero.plan().slot(i).map(|slot| slot.bucket))
-                .collect();
-            b.dedup();
-            b
         };
-        for b in buckets(&shared, params) {
-            if !self.bound[b] {
-                let range = shared.zero.plan().buckets()[b].params.clone();
-                shared.zero.gather(b)?;
-                for i in range {
-                    let data = shared.zero.param(i).ok_or_else(|| missing(i))?;
-                    bind(&self.params[i], &self.shapes[i], data);
-                }
-                self.bound[b] = true;
-            }
+        for b in buckets_of(shared.zero.plan(), params) {
+            gathered.hold(&mut shared.zero, b)?;
         }
-        for b in buckets(&shared, next) {
-            shared.zero.prefetch(b)?;
+        for b in buckets_of(shared.zero.plan(), next) {
+            if !gathered.held(b) {
+                shared.zero.prefetch(b)?;
+            }
         }
         Ok(())
     }
 
-    /// Stage 3: unbinds and frees every gathered bucket (after an evaluation's forward, or a
-    /// step).
-    pub fn release_params(&mut self) {
-        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        for b in 0..self.bound.len() {
-            if std::mem::take(&mut self.bound[b]) {
-                for i in shared.zero.plan().buckets()[b].params.clone() {
-                    unbind(&self.params[i]);
+    /// After a layer that used parameters `params` produced `output`: stage 3 frees the
+    /// buckets this layer used last and, when training, has backward gather them again when it
+    /// reaches `output` — except after the model's `last` layer when training, whose buckets
+    /// backward needs at once (as FSDP keeps its root's).
+    ///
+    /// # Errors
+    /// [`TrainError`] when the hook cannot be registered.
+    pub fn after_layer(
+        &mut self,
+        params: Range<usize>,
+        output: &Tensor,
+        training: bool,
+        last: bool,
+    ) -> Result<(), TrainError> {
+        if training && last {
+            return Ok(());
+        }
+        let ctx = self.ctx();
+        let mut guard = self.lock();
+        let shared = &mut *guard;
+        let Some(gathered) = shared.gathered.as_mut() else {
+            return Ok(());
+        };
+        for b in buckets_of(shared.zero.plan(), params.clone()) {
+            let last = shared.zero.plan().buckets()[b].params.end - 1;
+            if params.contains(&last) {
+                gathered.free(b)?;
+                if training && output.requires_grad() {
+                    // SAFETY: `ctx` is the boxed shared state `on_reached::<T>` expects; it
+                    // outlives this step's graph (a step ends before the engine can drop).
+                    unsafe { crate::hooks::on_reached(output, on_reached::<T>, ctx, b) }.map_err(
+                        |why| TrainError::Model(format!("cannot hook a layer's output: {why}")),
+                    )?;
                 }
-                shared.zero.release(b);
             }
+        }
+        Ok(())
+    }
+
+    /// Stage 3: frees every gathered bucket (a no-op at other stages).
+    ///
+    /// # Errors
+    /// [`TrainError`] when libtorch refuses.
+    pub fn free_params(&mut self) -> Result<(), TrainError> {
+        match self.lock().gathered.as_mut() {
+            Some(g) => g.free_all(),
+            None => Ok(()),
         }
     }
 
@@ -268,7 +306,7 @@ impl<T: Transport + 'static> Parallel<T> {
         for p in &self.params {
             clear_grad(p);
         }
-        self.release_params();
+        self.free_params()?;
         Ok(report)
     }
 
@@ -343,18 +381,29 @@ impl<T: Transport + 'static> Parallel<T> {
 
 impl<T: Transport + 'static> Drop for Parallel<T> {
     fn drop(&mut self) {
-        // The parameters outlive the engine's buffers: give them their own memory back.
+        // The parameters outlive the engine's buffers: give them memory of their own — their
+        // values at stages 0–2; at stage 3, where they hold nothing between uses, no elements
+        // (take `gather_params` first to keep them).
         let _guard = tch::no_grad_guard();
-        let stage3 = self.stage() == Stage::Parameters;
+        let stage3 = self.lock().gathered.is_some();
         for p in &self.params {
-            let mut p = p.shallow_clone();
-            if stage3 && p.numel() == 0 {
-                continue;
-            }
-            let own = p.copy();
-            p.set_data(&own);
+            let own = if stage3 {
+                Tensor::zeros([0], (Kind::Float, Device::Cpu))
+            } else {
+                p.copy()
+            };
+            p.shallow_clone().set_data(&own);
         }
     }
+}
+
+/// The buckets holding parameters `params`, in order.
+fn buckets_of(plan: &ShardPlan, params: Range<usize>) -> Vec<usize> {
+    let mut b: Vec<usize> = params
+        .filter_map(|i| plan.slot(i).map(|slot| slot.bucket))
+        .collect();
+    b.dedup();
+    b
 }
 
 fn missing(i: usize) -> TrainError {
@@ -374,20 +423,21 @@ fn flatten(params: &[Tensor]) -> Vec<f32> {
     out
 }
 
-/// Points parameter `p` at `data`, of shape `size` (the caller keeps `data` alive and in place
-/// while `p` is bound).
-fn bind(p: &Tensor, size: &[i64], data: &[f32]) {
+/// Points parameter `p` at `data` (stages 0–2: the engine's flat buffer, which stays in
+/// place for the engine's life).
+fn bind(p: &Tensor, data: &[f32]) {
+    let size = p.size();
     if data.is_empty() || data.len() as i64 != size.iter().product::<i64>() {
         return;
     }
-    let strides = contiguous_strides(size);
-    // SAFETY: `data` holds numel(size) f32s and outlives the binding (stages 0–2: the engine's
-    // flat buffer, fixed for its life; stage 3: a gathered bucket, unbound before it is
-    // released); torch only reads parameters, the engine alone writes them.
+    let strides = contiguous_strides(&size);
+    // SAFETY: `data` holds numel(size) f32s and outlives the binding (the parameters get
+    // memory of their own when the engine drops); torch only reads parameters, the engine
+    // alone writes them.
     let view = unsafe {
         Tensor::from_blob(
             data.as_ptr().cast(),
-            size,
+            &size,
             &strides,
             Kind::Float,
             Device::Cpu,
@@ -397,87 +447,10 @@ fn bind(p: &Tensor, size: &[i64], data: &[f32]) {
     p.shallow_clone().set_data(&view);
 }
 
-/// Stage 3: detaches parameter `p` from its bucket's buffer (an empty tensor of its shape
-/// cannot exist, so one of no elements).
-fn unbind(p: &Tensor) {
-    let _guard = tch::no_grad_guard();
-    p.shallow_clone()
-        .set_data(&Tensor::zeros([0], (Kind::Float, Device::Cpu)));
-}
-
 fn contiguous_strides(size: &[i64]) -> Vec<i64> {
     let mut strides = vec![1i64; size.len()];
     for d in (0..size.len().saturating_sub(1)).rev() {
         strides[d] = strides[d + 1] * size[d + 1].max(1);
     }
     strides
-}
-
-/// The hook: adds parameter `index`'s gradient into its bucket, and with overlap hands the
-/// bucket in once it is complete.
-///
-/// # Safety
-/// `ctx` is a live `Mutex<Shared<T>>`; `data` holds `numel` f32s for the call.
-unsafe extern "C" fn on_grad<T: Transport + 'static>(
-    ctx: *mut c_void,
-    index: usize,
-    data: *const f32,
-    numel: i64,
-) {
-    // SAFETY: as the function's contract says.
-    let shared = unsafe { &*ctx.cast::<Mutex<Shared<T>>>() };
-    let grad = match usize::try_from(numel) {
-        // SAFETY: libtorch hands a contiguous f32 buffer of `numel` elements.
-        Ok(n) if !data.is_null() => unsafe { std::slice::from_raw_parts(data, n) },
-        _ => &[],
-    };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut guard = shared.lock().unwrap_or_else(|e| e.into_inner());
-        let s = &mut *guard;
-        if s.error.is_none() {
-            if let Err(e) = s.take_grad(index, grad) {
-                s.error = Some(e);
-            }
-        }
-    }));
-    if result.is_err() {
-        let mut guard = shared.lock().unwrap_or_else(|e| e.into_inner());
-        guard.error = Some(TrainError::Model(format!(
-            "the gradient hook of parameter {index} panicked"
-        )));
-    }
-}
-
-impl<T: Transport + 'static> Shared<T> {
-    fn take_grad(&mut self, index: usize, grad: &[f32]) -> Result<(), TrainError> {
-        let slot = self.zero.plan().slot(index).ok_or_else(|| missing(index))?;
-        if grad.len() != slot.numel {
-            return Err(TrainError::Model(format!(
-                "parameter {index} got a gradient of {} elements, it has {}",
-                grad.len(),
-                slot.numel
-            )));
-        }
-        let b = slot.bucket;
-        if self.handed[b] {
-            return Err(TrainError::Model(format!(
-                "parameter {index} got a gradient after its bucket was reduced this step: call \
-                 backward once per step (accumulating over several backward calls needs \
-                 --no-overlap)"
-            )));
-        }
-        let buf = self.zero.grads_mut(b)?;
-        for (d, g) in buf[slot.offset..slot.offset + slot.numel]
-            .iter_mut()
-            .zip(grad)
-        {
-            *d += g;
-        }
-        self.pending[b] = self.pending[b].saturating_sub(1);
-        if self.overlap && self.pending[b] == 0 {
-            self.zero.reduce(b)?;
-            self.handed[b] = true;
-        }
-        Ok(())
-    }
 }
