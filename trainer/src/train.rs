@@ -82,14 +82,21 @@ pub struct Summary {
 /// # Errors
 /// [`TrainError`] naming what failed: data, checkpoint, model or collective.
 pub fn run(config: &Config) -> Result<Summary, TrainError> {
+    // Absent: a first attempt; anything but a count is refused rather than read as one (it
+    // decides whether the worker resumes).
+    let restarted = match std::env::var("TORCHELASTIC_RESTART_COUNT") {
+        Err(_) => 0,
+        Ok(v) => v.trim().parse::<u32>().map_err(|_| {
+            TrainError::Model(format!(
+                "TORCHELASTIC_RESTART_COUNT={v:?} is not a restart count; the launcher sets it \
+                 to 0, 1, …"
+            ))
+        })?,
+    };
     let path = data::locate(config.data.as_deref())?;
     let digits = data::load(&path)?;
     let comm = Communicator::from_env("ferrun-train", Options::default())
         .map_err(|e| TrainError::Model(format!("joining the job: {e}")))?;
-    let restarted = std::env::var("TORCHELASTIC_RESTART_COUNT")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(0);
     Trainer::new(comm, config, restarted)?.train(&digits.train, &digits.held_out)
 }
 
@@ -184,6 +191,18 @@ impl<'c, T: Transport + 'static> Trainer<'c, T> {
         Ok(Some(state))
     }
 
+    /// Where training stands, as a checkpoint records it.
+    fn state(&self, step: u64, epoch: u64, consumed: usize, seed: u64) -> State {
+        State {
+            step,
+            epoch,
+            consumed,
+            seed,
+            world: self.world,
+            sizes: self.sizes.clone(),
+        }
+    }
+
     fn save(&self, root: &std::path::Path, state: &State) -> Result<(), TrainError> {
         let dir = checkpoint::step_dir(root, state.step);
         self.par.save(&dir)?;
@@ -234,17 +253,7 @@ impl<'c, T: Transport + 'static> Trainer<'c, T> {
                 if let Some(root) = &self.config.checkpoint_dir {
                     let every = self.config.checkpoint_every;
                     if every > 0 && step % every == 0 && consumed < train.len() {
-                        self.save(
-                            root,
-                            &State {
-                                step,
-                                epoch,
-                                consumed,
-                                seed,
-                                world: self.world,
-                                sizes: self.sizes.clone(),
-                            },
-                        )?;
+                        self.save(root, &self.state(step, epoch, consumed, seed))?;
                     }
                 }
             }
@@ -261,17 +270,7 @@ impl<'c, T: Transport + 'static> Trainer<'c, T> {
                 rate,
             );
             if let Some(root) = &self.config.checkpoint_dir {
-                self.save(
-                    root,
-                    &State {
-                        step,
-                        epoch,
-                        consumed,
-                        seed,
-                        world: self.world,
-                        sizes: self.sizes.clone(),
-                    },
-                )?;
+                self.save(root, &self.state(step, epoch, consumed, seed))?;
             }
         }
         let samples_per_s = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
@@ -287,15 +286,7 @@ impl<'c, T: Transport + 'static> Trainer<'c, T> {
             let dir = root.join("final");
             self.par.save_consolidated(&dir)?;
             if self.rank == 0 {
-                let state = State {
-                    step,
-                    epoch,
-                    consumed: 0,
-                    seed,
-                    world: self.world,
-                    sizes: self.sizes.clone(),
-                };
-                checkpoint::write_state(&dir, &state)?;
+                checkpoint::write_state(&dir, &self.state(step, epoch, 0, seed))?;
             }
         }
         if let (Some(path), 0) = (&self.config.dump_params, self.rank) {

@@ -240,6 +240,14 @@ fn bad_input_is_refused_with_what_to_do() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("zero4") && err.contains("zero3"), "{err}");
+    // A restart count that is not one (it decides whether to resume).
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrun-train"))
+        .env("TORCHELASTIC_RESTART_COUNT", "abc")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\"abc\" is not a restart count"), "{err}");
     // A data file that does not exist.
     let out = launch_with(1, &[], &[], &["--data", "/nonexistent/digits.csv.gz"]);
     assert!(!out.status.success());
