@@ -11,6 +11,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{CleanPodPolicy, RestartPolicy};
+
 /// The replica type of the master (rank 0's pod).
 pub const MASTER: &str = "Master";
 /// The replica type of the workers.
@@ -70,7 +72,7 @@ pub struct ReplicaSpec {
     pub template: PodTemplateSpec,
     /// `Always`, `OnFailure` (default), `Never` or `ExitCode`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub restart_policy: Option<String>,
+    pub restart_policy: Option<RestartPolicy>,
 }
 
 /// Policies of the whole job.
@@ -79,7 +81,7 @@ pub struct ReplicaSpec {
 pub struct RunPolicy {
     /// Which pods to delete when the job ends: `All`, `Running` or `None` (default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clean_pod_policy: Option<String>,
+    pub clean_pod_policy: Option<CleanPodPolicy>,
     /// Delete the job this long after it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds_after_finished: Option<i32>,
@@ -247,6 +249,15 @@ impl PyTorchJob {
         self.spec.pytorch_replica_specs.get(rtype)
     }
 
+    /// Its `cleanPodPolicy` (`None` when unset).
+    pub fn clean_pod_policy(&self) -> CleanPodPolicy {
+        self.spec
+            .run_policy
+            .as_ref()
+            .and_then(|r| r.clean_pod_policy)
+            .unwrap_or_default()
+    }
+
     /// The job's name.
     pub fn job_name(&self) -> &str {
         self.metadata.name.as_deref().unwrap_or_default()
@@ -254,6 +265,11 @@ impl PyTorchJob {
 }
 
 impl ReplicaSpec {
+    /// Its restart policy (`OnFailure` when unset, as the training-operator defaults it).
+    pub fn restart_policy(&self) -> RestartPolicy {
+        self.restart_policy.unwrap_or_default()
+    }
+
     /// Replicas, defaulted.
     pub fn count(&self) -> i32 {
         self.replicas.unwrap_or(1)

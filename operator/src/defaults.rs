@@ -4,6 +4,7 @@
 use k8s_openapi::api::core::v1::{Container, ContainerPort};
 
 use crate::crd::{PyTorchJob, RunPolicy, MASTER, WORKER};
+use crate::policy::{CleanPodPolicy, RestartPolicy};
 
 /// The container the operator configures: the one named `pytorch`.
 pub const CONTAINER: &str = "pytorch";
@@ -17,7 +18,7 @@ pub fn with_defaults(job: &PyTorchJob) -> PyTorchJob {
     let mut job = job.clone();
     let spec = &mut job.spec;
     let run = spec.run_policy.get_or_insert_with(RunPolicy::default);
-    run.clean_pod_policy.get_or_insert_with(|| "None".into());
+    run.clean_pod_policy.get_or_insert(CleanPodPolicy::None);
     // Replica types are matched without regard to case (`worker` is `Worker`).
     let specs = std::mem::take(&mut spec.pytorch_replica_specs);
     for (key, mut replica) in specs {
@@ -29,7 +30,7 @@ pub fn with_defaults(job: &PyTorchJob) -> PyTorchJob {
         replica.replicas.get_or_insert(1);
         replica
             .restart_policy
-            .get_or_insert_with(|| "OnFailure".into());
+            .get_or_insert(RestartPolicy::OnFailure);
         if let Some(pod) = replica.template.spec.as_mut() {
             if let Some(container) = main_container_mut(&mut pod.containers) {
                 let ports = container.ports.get_or_insert_with(Vec::new);

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::crd::{JobCondition, JobStatus, PyTorchJob, ReplicaStatus, MASTER, WORKER};
-use crate::render::{CONTROLLER_NAME, JOB_NAME, OPERATOR_NAME, REPLICA_TYPE};
+use crate::names::{CONTROLLER_NAME, JOB_NAME, OPERATOR_NAME, REPLICA_TYPE};
+use crate::policy::{Condition, RestartPolicy};
 
 /// What happens after a pod's training container exits with `code`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,13 +27,13 @@ pub enum AfterExit {
 
 /// The consequence of an exit under a replica's restart policy. `ExitCode` retries codes of
 /// 128 and more (killed by a signal: preemption, OOM, eviction); 1–127 are the program's own.
-pub fn after_exit(policy: &str, code: i32) -> AfterExit {
+pub fn after_exit(policy: RestartPolicy, code: i32) -> AfterExit {
     match (policy, code) {
-        ("Always", _) => AfterExit::RestartInPlace,
+        (RestartPolicy::Always, _) => AfterExit::RestartInPlace,
         (_, 0) => AfterExit::Done,
-        ("OnFailure", _) => AfterExit::RestartInPlace,
-        ("ExitCode", c) if c >= 128 => AfterExit::Recreate,
-        _ => AfterExit::FailJob,
+        (RestartPolicy::OnFailure, _) => AfterExit::RestartInPlace,
+        (RestartPolicy::ExitCode, c) if c >= 128 => AfterExit::Recreate,
+        (RestartPolicy::ExitCode | RestartPolicy::Never, _) => AfterExit::FailJob,
     }
 }
 
@@ -147,45 +148,62 @@ pub fn replica_statuses(job: &PyTorchJob, pods: &[PodState]) -> BTreeMap<String,
     out
 }
 
+/// Whether the status holds condition `kind` as `True`.
+pub fn is_true(status: &JobStatus, kind: Condition) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == kind.as_str() && c.status == "True")
+}
+
+/// The status's condition `kind`, whatever its truth.
+pub fn condition_mut(status: &mut JobStatus, kind: Condition) -> Option<&mut JobCondition> {
+    status
+        .conditions
+        .iter_mut()
+        .find(|c| c.type_ == kind.as_str())
+}
+
 /// Sets condition `kind` to `True` with `reason`/`message`, as the training-operator does:
 /// the same status and reason is a no-op; `Running` and `Restarting` replace each other;
 /// `Succeeded` and `Failed` turn `Running` to `False`; after `Failed` nothing changes.
 /// Whether anything changed.
 pub fn set_condition(
     status: &mut JobStatus,
-    kind: &str,
+    kind: Condition,
     reason: &str,
     message: &str,
     now: &Time,
 ) -> bool {
-    let is_true = |c: &JobCondition, t: &str| c.type_ == t && c.status == "True";
-    if status.conditions.iter().any(|c| is_true(c, "Failed")) {
+    if is_true(status, Condition::Failed) {
         return false;
     }
-    if let Some(c) = status.conditions.iter().find(|c| c.type_ == kind) {
+    let name = kind.as_str();
+    if let Some(c) = status.conditions.iter().find(|c| c.type_ == name) {
         if c.status == "True" && c.reason.as_deref() == Some(reason) {
             return false;
         }
     }
+    let drop = |other: Condition, status: &mut JobStatus| {
+        status.conditions.retain(|c| c.type_ != other.as_str());
+    };
     match kind {
-        "Running" => status.conditions.retain(|c| c.type_ != "Restarting"),
-        "Restarting" => status.conditions.retain(|c| c.type_ != "Running"),
-        "Succeeded" | "Failed" => {
-            for c in status
-                .conditions
-                .iter_mut()
-                .filter(|c| is_true(c, "Running"))
+        Condition::Running => drop(Condition::Restarting, status),
+        Condition::Restarting => drop(Condition::Running, status),
+        Condition::Succeeded | Condition::Failed => {
+            if let Some(c) =
+                condition_mut(status, Condition::Running).filter(|c| c.status == "True")
             {
                 c.status = "False".into();
                 c.last_transition_time = Some(now.clone());
                 c.last_update_time = Some(now.clone());
             }
         }
-        _ => {}
+        Condition::Created | Condition::Suspended => {}
     }
-    status.conditions.retain(|c| c.type_ != kind);
+    drop(kind, status);
     status.conditions.push(JobCondition {
-        type_: kind.into(),
+        type_: name.into(),
         status: "True".into(),
         reason: Some(reason.into()),
         message: Some(message.into()),
@@ -206,14 +224,23 @@ mod tests {
 
     #[test]
     fn exits_under_each_restart_policy() {
-        assert_eq!(after_exit("OnFailure", 0), AfterExit::Done);
-        assert_eq!(after_exit("OnFailure", 3), AfterExit::RestartInPlace);
-        assert_eq!(after_exit("Always", 0), AfterExit::RestartInPlace);
-        assert_eq!(after_exit("Never", 1), AfterExit::FailJob);
-        assert_eq!(after_exit("ExitCode", 1), AfterExit::FailJob);
-        assert_eq!(after_exit("ExitCode", 127), AfterExit::FailJob);
-        assert_eq!(after_exit("ExitCode", 137), AfterExit::Recreate);
-        assert_eq!(after_exit("ExitCode", 0), AfterExit::Done);
+        assert_eq!(after_exit(RestartPolicy::OnFailure, 0), AfterExit::Done);
+        assert_eq!(
+            after_exit(RestartPolicy::OnFailure, 3),
+            AfterExit::RestartInPlace
+        );
+        assert_eq!(
+            after_exit(RestartPolicy::Always, 0),
+            AfterExit::RestartInPlace
+        );
+        assert_eq!(after_exit(RestartPolicy::Never, 1), AfterExit::FailJob);
+        assert_eq!(after_exit(RestartPolicy::ExitCode, 1), AfterExit::FailJob);
+        assert_eq!(after_exit(RestartPolicy::ExitCode, 127), AfterExit::FailJob);
+        assert_eq!(
+            after_exit(RestartPolicy::ExitCode, 137),
+            AfterExit::Recreate
+        );
+        assert_eq!(after_exit(RestartPolicy::ExitCode, 0), AfterExit::Done);
     }
 
     #[test]
@@ -222,28 +249,28 @@ mod tests {
         let mut s = JobStatus::default();
         assert!(set_condition(
             &mut s,
-            "Created",
+            Condition::Created,
             "PyTorchJobCreated",
             "",
             &now
         ));
         assert!(set_condition(
             &mut s,
-            "Running",
+            Condition::Running,
             "PyTorchJobRunning",
             "",
             &now
         ));
         assert!(!set_condition(
             &mut s,
-            "Running",
+            Condition::Running,
             "PyTorchJobRunning",
             "",
             &now
         ));
         assert!(set_condition(
             &mut s,
-            "Restarting",
+            Condition::Restarting,
             "PyTorchJobRestarting",
             "",
             &now
@@ -252,14 +279,14 @@ mod tests {
         assert!(!s.conditions.iter().any(|c| c.type_ == "Running"));
         assert!(set_condition(
             &mut s,
-            "Running",
+            Condition::Running,
             "PyTorchJobRunning",
             "",
             &now
         ));
         assert!(set_condition(
             &mut s,
-            "Failed",
+            Condition::Failed,
             "PyTorchJobFailed",
             "",
             &now
@@ -268,7 +295,7 @@ mod tests {
         assert_eq!(running.map(|c| c.status.as_str()), Some("False"));
         assert!(!set_condition(
             &mut s,
-            "Succeeded",
+            Condition::Succeeded,
             "PyTorchJobSucceeded",
             "",
             &now

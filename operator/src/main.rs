@@ -1,6 +1,6 @@
 //! `ferrun-operator`: the PyTorchJob CRD, a job's rendered objects, and local runs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -15,7 +15,9 @@ use ferrun_operator::controller::{self, http, Context, Metrics};
 use ferrun_operator::crd::PyTorchJob;
 use ferrun_operator::lifecycle::Verdict;
 use ferrun_operator::local::{self, LocalOptions};
+use ferrun_operator::names;
 use ferrun_operator::render::{self, MasterWait, RenderOptions};
+use ferrun_operator::trainjob::{self, crd::TrainJob, crd::TrainingRuntime};
 use k8s_openapi::jiff::Timestamp;
 use kube::CustomResourceExt;
 
@@ -33,12 +35,16 @@ struct Cli {
 enum Command {
     /// Prints the PyTorchJob CustomResourceDefinition (YAML), to `kubectl apply -f -`.
     Crd,
-    /// Prints the pods and services a job becomes (YAML), as the operator would create them.
+    /// Prints the pods and services a job becomes (YAML): a PyTorchJob's as the operator
+    /// creates them, a TrainJob's as Kubeflow Trainer v2 (through JobSet) would.
     Render {
-        /// The PyTorchJob (YAML or JSON).
+        /// The PyTorchJob or TrainJob (YAML or JSON).
         job: PathBuf,
-        /// How workers wait for the master.
-        #[arg(long, value_enum, default_value_t = MasterWait::Auto)]
+        /// A TrainJob's (Cluster)TrainingRuntime(s), when not the built-in torch-distributed.
+        #[arg(long)]
+        runtime: Vec<PathBuf>,
+        /// How workers wait for the master (PyTorchJobs): auto, nslookup or none.
+        #[arg(long, default_value = "auto")]
         master_wait: MasterWait,
     },
     /// Runs the controller in a cluster (in-cluster service account, or ~/.kube/config).
@@ -46,11 +52,17 @@ enum Command {
     /// Runs a job on this machine, each replica as a local process; exits 0 when it succeeds,
     /// 1 when it fails.
     Local {
-        /// The PyTorchJob (YAML or JSON).
+        /// The PyTorchJob or TrainJob (YAML or JSON).
         job: PathBuf,
         /// Fail the job after this many seconds (besides its activeDeadlineSeconds).
         #[arg(long)]
         timeout: Option<u64>,
+        /// A TrainJob's (Cluster)TrainingRuntime(s), when not the built-in torch-distributed.
+        #[arg(long)]
+        runtime: Vec<PathBuf>,
+        /// A TrainJob's master port instead of Trainer's 29500 (0: a free one).
+        #[arg(long)]
+        master_port: Option<u16>,
     },
 }
 
@@ -82,8 +94,8 @@ struct RunOptions {
     /// Seconds a pod may stay terminating before it is force-deleted (its node is likely gone).
     #[arg(long, default_value_t = 300)]
     terminating_grace: u64,
-    /// How workers wait for the master.
-    #[arg(long, value_enum, default_value_t = MasterWait::Auto)]
+    /// How workers wait for the master: auto, nslookup or none.
+    #[arg(long, default_value = "auto")]
     master_wait: MasterWait,
     /// Image of the nslookup init container (--master-wait nslookup, or torchrun containers).
     #[arg(long, default_value = "alpine:3.10")]
@@ -93,9 +105,45 @@ struct RunOptions {
     pytorch_init_container_max_tries: u32,
 }
 
-fn read_job(path: &PathBuf) -> anyhow::Result<PyTorchJob> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    ferrun_operator::load_job(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))
+}
+
+/// A job file: a PyTorchJob or a TrainJob with its runtime.
+enum Job {
+    PyTorch(Box<PyTorchJob>),
+    Train(Box<(TrainJob, TrainingRuntime)>),
+}
+
+fn read_job(path: &Path, runtimes: &[PathBuf]) -> anyhow::Result<Job> {
+    let text = read(path)?;
+    let at = |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: {e}", path.display());
+    if ferrun_operator::kind_of(&text)
+        .map_err(|e| at(&e))?
+        .as_deref()
+        != Some("TrainJob")
+    {
+        if !runtimes.is_empty() {
+            anyhow::bail!(
+                "{}: --runtime is for TrainJobs; this file is not one",
+                path.display()
+            );
+        }
+        let job = ferrun_operator::load_job(&text).map_err(|e| at(&e))?;
+        return Ok(Job::PyTorch(Box::new(job)));
+    }
+    let job = trainjob::load_trainjob(&text).map_err(|e| at(&e))?;
+    let mut given = Vec::new();
+    for file in runtimes {
+        let text = read(file)?;
+        given.extend(
+            trainjob::load_runtimes(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?,
+        );
+    }
+    let runtime = trainjob::runtime::resolve(&job, &given).map_err(|e| at(&e))?;
+    trainjob::validate(&job, &runtime).map_err(|e| at(&e))?;
+    Ok(Job::Train(Box::new((job, runtime))))
 }
 
 fn main() -> ExitCode {
@@ -110,43 +158,97 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Crd => print!("{}", serde_yaml::to_string(&PyTorchJob::crd())?),
-        Command::Render { job, master_wait } => {
-            let job = read_job(&job)?;
-            let options = RenderOptions {
-                master_wait,
-                ..RenderOptions::default()
-            };
-            for (rtype, index) in render::replicas(&job) {
-                print!(
-                    "---\n{}",
-                    serde_yaml::to_string(&render::pod(&job, &rtype, index, &options))?
-                );
-                print!(
-                    "---\n{}",
-                    serde_yaml::to_string(&render::service(&job, &rtype, index))?
-                );
+        Command::Crd => emit(&serde_yaml::to_string(&PyTorchJob::crd())?)?,
+        Command::Render {
+            job,
+            runtime,
+            master_wait,
+        } => match read_job(&job, &runtime)? {
+            Job::PyTorch(job) => {
+                let options = RenderOptions {
+                    master_wait,
+                    ..RenderOptions::default()
+                };
+                let mut out = String::new();
+                for (rtype, index) in names::replicas(&job) {
+                    let pod = render::pod(&job, &rtype, index, &options);
+                    out += &format!("---\n{}", serde_yaml::to_string(&pod)?);
+                    let service = render::service(&job, &rtype, index);
+                    out += &format!("---\n{}", serde_yaml::to_string(&service)?);
+                }
+                emit(&out)?;
             }
-        }
+            Job::Train(train) => {
+                let (job, runtime) = *train;
+                let mut out = String::new();
+                for pod in trainjob::render::pods(&job, &runtime) {
+                    out += &format!("---\n{}", serde_yaml::to_string(&pod.pod)?);
+                }
+                let service = trainjob::render::service(&job);
+                out += &format!("---\n{}", serde_yaml::to_string(&service)?);
+                emit(&out)?;
+            }
+        },
         Command::Run(options) => {
             tokio::runtime::Runtime::new()?.block_on(serve(options))?;
         }
-        Command::Local { job, timeout } => {
-            let job = read_job(&job)?;
-            let options = LocalOptions {
-                timeout: timeout.map(Duration::from_secs),
-                render: RenderOptions::default(),
-                forward_signals: true,
+        Command::Local {
+            job,
+            timeout,
+            runtime,
+            master_port,
+        } => {
+            let timeout = timeout.map(Duration::from_secs);
+            return match read_job(&job, &runtime)? {
+                Job::PyTorch(job) => {
+                    let options = LocalOptions {
+                        timeout,
+                        render: RenderOptions::default(),
+                        forward_signals: true,
+                    };
+                    let outcome = local::run(&job, &options)?;
+                    Ok(match (outcome.verdict, outcome.interrupted) {
+                        (_, Some(signal)) => ExitCode::from(128 + signal as u8),
+                        (Verdict::Succeeded, _) => ExitCode::SUCCESS,
+                        _ => ExitCode::from(1),
+                    })
+                }
+                Job::Train(train) => {
+                    let (job, runtime) = *train;
+                    let options = trainjob::local::RunOptions {
+                        timeout,
+                        master_port: master_port.map(free_port).transpose()?,
+                        forward_signals: true,
+                    };
+                    let outcome = trainjob::local::run(&job, &runtime, &options)?;
+                    Ok(match outcome.interrupted {
+                        Some(signal) => ExitCode::from(128 + signal as u8),
+                        None if outcome.succeeded() => ExitCode::SUCCESS,
+                        None => ExitCode::from(1),
+                    })
+                }
             };
-            let outcome = local::run(&job, &options)?;
-            return Ok(match (outcome.verdict, outcome.interrupted) {
-                (_, Some(signal)) => ExitCode::from(128 + signal as u8),
-                (Verdict::Succeeded, _) => ExitCode::SUCCESS,
-                _ => ExitCode::from(1),
-            });
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `text` to standard output; a reader that stopped early (`| head`) is not an error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// `port`, or for 0 one free on this machine now.
+fn free_port(port: u16) -> anyhow::Result<u16> {
+    if port != 0 {
+        return Ok(port);
+    }
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("find a free port")?;
+    Ok(listener.local_addr()?.port())
 }
 
 /// The controller, with its endpoints and, if asked, leader election.
@@ -215,5 +317,5 @@ async fn serve(o: RunOptions) -> anyhow::Result<()> {
         terminating_grace: Duration::from_secs(o.terminating_grace),
     };
     let ctx = Arc::new(Context::new(client, options, Some(identity), metrics));
-    controller::run(ctx, o.namespace.as_deref(), o.controller_threads).await
+    Ok(controller::run(ctx, o.namespace.as_deref(), o.controller_threads).await?)
 }

@@ -9,26 +9,14 @@ use k8s_openapi::api::core::v1::{
     Container, EnvVar, Pod, PodSpec, ResourceRequirements, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::crd::{PyTorchJob, MASTER, WORKER};
 use crate::defaults::{job_port, main_container};
-
-/// Label: which operator made the object.
-pub const OPERATOR_NAME: &str = "training.kubeflow.org/operator-name";
-/// Label: the job.
-pub const JOB_NAME: &str = "training.kubeflow.org/job-name";
-/// Label: `master` or `worker`.
-pub const REPLICA_TYPE: &str = "training.kubeflow.org/replica-type";
-/// Label: the replica's index.
-pub const REPLICA_INDEX: &str = "training.kubeflow.org/replica-index";
-/// Label: on the pod that hosts rank 0.
-pub const JOB_ROLE: &str = "training.kubeflow.org/job-role";
-/// The operator-name label's value (the training-operator's, so that its tooling finds ours).
-pub const CONTROLLER_NAME: &str = "pytorchjob-controller";
+use crate::names::{is_master_role, owner_reference, pod_name, selector, total_replicas, JOB_ROLE};
 
 /// How workers wait for the master before they start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MasterWait {
     /// No init container where the training container runs `ferrun`, whose agents wait for
     /// the master's store themselves (bounded by its join timeout, and on the port, not only
@@ -39,6 +27,19 @@ pub enum MasterWait {
     Nslookup,
     /// No init container.
     None,
+}
+
+impl std::str::FromStr for MasterWait {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "nslookup" => Ok(Self::Nslookup),
+            "none" => Ok(Self::None),
+            other => Err(format!("{other:?}: use auto, nslookup or none")),
+        }
+    }
 }
 
 /// Rendering settings (the operator's flags).
@@ -63,35 +64,6 @@ impl Default for RenderOptions {
             init_max_tries: 100,
         }
     }
-}
-
-/// `<job>-<type>-<index>`: the pod's and its service's name.
-pub fn pod_name(job: &str, rtype: &str, index: i32) -> String {
-    format!("{job}-{}-{index}", rtype.to_ascii_lowercase()).replace('/', "-")
-}
-
-/// The labels that select a replica's pod (and its service's selector).
-pub fn selector(job: &str, rtype: &str, index: i32) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (OPERATOR_NAME.to_owned(), CONTROLLER_NAME.to_owned()),
-        (JOB_NAME.to_owned(), job.replace('/', "-")),
-        (REPLICA_TYPE.to_owned(), rtype.to_ascii_lowercase()),
-        (REPLICA_INDEX.to_owned(), index.to_string()),
-    ])
-}
-
-/// Whether the replica hosts rank 0: the master, or worker 0 when there is none.
-pub fn is_master_role(job: &PyTorchJob, rtype: &str, index: i32) -> bool {
-    rtype == MASTER || (job.replica(MASTER).is_none() && rtype == WORKER && index == 0)
-}
-
-/// Pods of all replica types.
-pub fn total_replicas(job: &PyTorchJob) -> i32 {
-    job.spec
-        .pytorch_replica_specs
-        .values()
-        .map(|r| r.count())
-        .sum()
 }
 
 fn var(name: &str, value: impl Into<String>) -> EnvVar {
@@ -171,28 +143,6 @@ pub fn environment(job: &PyTorchJob, rtype: &str, index: i32) -> Vec<EnvVar> {
     env
 }
 
-/// The owner reference that ties a child to its job (garbage collection, the controller).
-pub fn owner_reference(job: &PyTorchJob) -> OwnerReference {
-    OwnerReference {
-        api_version: "kubeflow.org/v1".into(),
-        kind: "PyTorchJob".into(),
-        name: job.job_name().into(),
-        uid: job.metadata.uid.clone().unwrap_or_default(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    }
-}
-
-/// The kubelet's restart policy for a replica's restart policy (`ExitCode` → `Never`: the
-/// operator decides on recreation from the exit code).
-pub fn pod_restart_policy(policy: &str) -> &'static str {
-    match policy {
-        "Always" => "Always",
-        "OnFailure" => "OnFailure",
-        _ => "Never",
-    }
-}
-
 /// Whether a container's command starts `ferrun`.
 pub fn runs_ferrun(container: &Container) -> bool {
     let first = container
@@ -215,8 +165,7 @@ pub fn pod(job: &PyTorchJob, rtype: &str, index: i32, options: &RenderOptions) -
         labels.insert(JOB_ROLE.into(), "master".into());
     }
     let mut spec: PodSpec = template.spec.unwrap_or_default();
-    let policy = replica.restart_policy.as_deref().unwrap_or("OnFailure");
-    spec.restart_policy = Some(pod_restart_policy(policy).into());
+    spec.restart_policy = Some(replica.restart_policy.unwrap_or_default().for_pod().into());
     let env = environment(job, rtype, index);
     for container in &mut spec.containers {
         container
@@ -313,15 +262,4 @@ pub fn service(job: &PyTorchJob, rtype: &str, index: i32) -> Service {
         }),
         status: None,
     }
-}
-
-/// Every `(replica type, index)` the job should have, masters first.
-pub fn replicas(job: &PyTorchJob) -> Vec<(String, i32)> {
-    let mut out = Vec::new();
-    for rtype in [MASTER, WORKER] {
-        if let Some(r) = job.replica(rtype) {
-            out.extend((0..r.count()).map(|i| (rtype.to_owned(), i)));
-        }
-    }
-    out
 }

@@ -14,7 +14,7 @@ use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
 
 use crate::crd::{PyTorchJob, WORKER};
-use crate::render::{owner_reference, replicas, total_replicas};
+use crate::names::{owner_reference, replicas, total_replicas};
 
 /// Which gang scheduler places the pods (the training-operator's `--gang-scheduler-name`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 
 use crate::crd::{PyTorchJob, MASTER, WORKER};
 use crate::defaults::CONTAINER;
-use crate::render::pod_name;
+use crate::names::{is_dns1035_label, pod_name};
 
 /// Most replicas of one type: far past the largest training jobs, far below what would
 /// exhaust memory rendering them.
@@ -74,13 +74,6 @@ pub fn validate(job: &PyTorchJob) -> Result<(), Invalid> {
                 "{at}.replicas is {count}: at most {MAX_REPLICAS} replicas of one type are served"
             ));
         }
-        if let Some(policy) = &replica.restart_policy {
-            if !["Always", "OnFailure", "Never", "ExitCode"].contains(&policy.as_str()) {
-                problems.push(format!(
-                    "{at}.restartPolicy {policy:?}: use Always, OnFailure, Never or ExitCode"
-                ));
-            }
-        }
         // Services are named like pods; the longest must still be a DNS label.
         let longest = pod_name(name, rtype, count.max(1) - 1);
         if is_dns1035_label(name) && longest.len() > 63 {
@@ -96,13 +89,6 @@ pub fn validate(job: &PyTorchJob) -> Result<(), Invalid> {
         }
     }
     if let Some(run) = &spec.run_policy {
-        if let Some(clean) = &run.clean_pod_policy {
-            if !["All", "Running", "None"].contains(&clean.as_str()) {
-                problems.push(format!(
-                    "spec.runPolicy.cleanPodPolicy {clean:?}: use All, Running or None"
-                ));
-            }
-        }
         if let Some(manager) = run.managed_by.as_deref().filter(|m| !m.is_empty()) {
             if !MANAGERS.contains(&manager) {
                 problems.push(format!(
@@ -140,16 +126,4 @@ pub fn validate(job: &PyTorchJob) -> Result<(), Invalid> {
     } else {
         Err(Invalid(problems))
     }
-}
-
-/// RFC 1035 label: what Service names must be.
-fn is_dns1035_label(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes[0].is_ascii_lowercase()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes[bytes.len() - 1] != b'-'
 }

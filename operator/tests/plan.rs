@@ -7,6 +7,7 @@ use ferrun_operator::controller::plan::{plan, Observed, Plan, PlanOptions};
 use ferrun_operator::crd::{JobStatus, PyTorchJob};
 use ferrun_operator::lifecycle::{self, Phase};
 use ferrun_operator::load_job;
+use ferrun_operator::policy::Condition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
@@ -72,14 +73,14 @@ fn started(mut job: PyTorchJob) -> PyTorchJob {
     };
     lifecycle::set_condition(
         &mut status,
-        "Created",
+        Condition::Created,
         "PyTorchJobCreated",
         "",
         &Time(at(0)),
     );
     lifecycle::set_condition(
         &mut status,
-        "Running",
+        Condition::Running,
         "PyTorchJobRunning",
         "",
         &Time(at(0)),
@@ -299,7 +300,7 @@ fn a_finished_job_is_deleted_once_its_ttl_has_passed() {
     };
     lifecycle::set_condition(
         &mut status,
-        "Succeeded",
+        Condition::Succeeded,
         "PyTorchJobSucceeded",
         "",
         &Time(at(100)),

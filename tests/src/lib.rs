@@ -11,6 +11,9 @@
 //! - `tests/operator_jobs.rs`: PyTorchJobs rendered by `ferrun-operator` and run in its local
 //!   mode, their containers running `ferrun` with torch: the operator's environment and the
 //!   launcher's contract must agree.
+//! - `tests/kubeflow.rs`: the KFP pipelines of `examples/kfp/` compiled and run with
+//!   kfp.local, the PyTorchJob their launcher step submits, and TrainJobs rendered as Trainer
+//!   v2 would and run by `ferrun-operator local`, their nodes running `ferrun`.
 //! - [`netns`]: two hosts on one machine (network namespaces), for multi-host tests and the
 //!   cross-host benchmark.
 //!
@@ -28,14 +31,27 @@ pub mod netns;
 /// # Panics
 /// When it has not been built: `cargo test --workspace` builds it.
 pub fn ferrun_binary() -> PathBuf {
+    workspace_binary("ferrun")
+}
+
+/// A binary of this workspace's build (`ferrun`, `ferrun-operator`, `ferrun-train`), next to
+/// this crate's test binaries.
+///
+/// # Panics
+/// When it has not been built: `cargo test --workspace` builds every member's binaries.
+pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe
         .parent()
         .and_then(|d| d.parent())
         .expect("target directory");
-    let ferrun = dir.join("ferrun");
-    assert!(ferrun.is_file(), "{} is missing: run the suite with `cargo test --workspace` (or build ferrun-launcher first)", ferrun.display());
-    ferrun
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run the suite with `cargo test --workspace` (or build it first)",
+        path.display()
+    );
+    path
 }
 
 /// Waits for `child` (stdout and stderr piped) at most `limit`, then kills it.

@@ -94,6 +94,21 @@ struct Args {
     /// Rank 0 writes the final parameters to this file (f32, little-endian, in order).
     #[arg(long)]
     dump_params: Option<PathBuf>,
+    /// Rank 0 writes the final metrics here as JSON (accuracy, loss, steps, samples/s, world
+    /// size, stage): a pipeline step's metrics artifact.
+    #[arg(long)]
+    metrics_file: Option<PathBuf>,
+}
+
+/// Writes `metrics` to `path` whole or not at all (a temporary file renamed), creating the
+/// directory: a reader never sees half a file.
+fn write_metrics(path: &std::path::Path, metrics: &serde_json::Value) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{metrics:#}\n"))?;
+    std::fs::rename(&tmp, path)
 }
 
 fn mib(v: f64, flag: &str) -> Result<usize, String> {
@@ -188,6 +203,21 @@ fn main() -> ExitCode {
                     std::env::var("WORLD_SIZE").unwrap_or_else(|_| "1".into()),
                     s.checksum
                 );
+                if let Some(path) = &args.metrics_file {
+                    let world = std::env::var("WORLD_SIZE").unwrap_or_else(|_| "1".into());
+                    let metrics = serde_json::json!({
+                        "accuracy": s.accuracy,
+                        "loss": s.loss,
+                        "steps": s.steps,
+                        "samples_per_s": s.samples_per_s,
+                        "world_size": world.parse::<u64>().ok(),
+                        "stage": format!("{:?}", args.stage).to_lowercase(),
+                    });
+                    if let Err(e) = write_metrics(path, &metrics) {
+                        eprintln!("ferrun-train: write --metrics-file {}: {e}", path.display());
+                        return ExitCode::from(1);
+                    }
+                }
             }
             ExitCode::SUCCESS
         }

@@ -16,6 +16,8 @@ use serde_json::json;
 use super::plan::Plan;
 use super::{Context, ReconcileError, MANAGER};
 use crate::crd::{JobStatus, PyTorchJob};
+use crate::lifecycle::is_true;
+use crate::policy::Condition;
 
 /// Wraps an API error with the call that failed.
 pub(super) fn api_error(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileError {
@@ -38,14 +40,8 @@ pub(super) async fn carry_out(
     jobs: &Api<PyTorchJob>,
 ) -> Result<Action, ReconcileError> {
     let name = job.name_any();
-    let was = |kind: &str| {
-        job.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == kind && c.status == "True")
-        })
-    };
-    let (succeeded_before, failed_before) = (was("Succeeded"), was("Failed"));
+    let was = |kind| job.status.as_ref().is_some_and(|s| is_true(s, kind));
+    let (succeeded_before, failed_before) = (was(Condition::Succeeded), was(Condition::Failed));
     for deletion in &plan.delete_pods {
         let params = if deletion.force {
             DeleteParams::default().grace_period(0)
@@ -133,16 +129,10 @@ pub(super) async fn carry_out(
     }
     if job.status.as_ref() != Some(&plan.status) {
         write_status(jobs, &name, &plan.status).await?;
-        let is = |kind: &str| {
-            plan.status
-                .conditions
-                .iter()
-                .any(|c| c.type_ == kind && c.status == "True")
-        };
-        if is("Succeeded") && !succeeded_before {
+        if is_true(&plan.status, Condition::Succeeded) && !succeeded_before {
             ctx.metrics.jobs_succeeded.fetch_add(1, Ordering::Relaxed);
         }
-        if is("Failed") && !failed_before {
+        if is_true(&plan.status, Condition::Failed) && !failed_before {
             ctx.metrics.jobs_failed.fetch_add(1, Ordering::Relaxed);
         }
     }

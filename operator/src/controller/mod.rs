@@ -5,6 +5,7 @@
 mod apply;
 pub mod http;
 pub mod lease;
+pub mod observe;
 pub mod plan;
 
 use apply::{api_error, carry_out, publish, write_status};
@@ -26,7 +27,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use crate::crd::PyTorchJob;
 use crate::defaults::with_defaults;
 use crate::lifecycle;
-use crate::render::{CONTROLLER_NAME, JOB_NAME, OPERATOR_NAME};
+use crate::names::{CONTROLLER_NAME, JOB_NAME, OPERATOR_NAME};
+use crate::policy::Condition;
 use crate::validate::{validate, MANAGERS};
 use plan::{observe, PlanOptions};
 
@@ -168,7 +170,7 @@ pub async fn reconcile(job: Arc<PyTorchJob>, ctx: Arc<Context>) -> Result<Action
         let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
         if lifecycle::set_condition(
             &mut status,
-            "Failed",
+            Condition::Failed,
             "InvalidSpec",
             &invalid.to_string(),
             &now,
@@ -225,6 +227,11 @@ pub fn error_policy(job: Arc<PyTorchJob>, error: &ReconcileError, ctx: Arc<Conte
     Action::requeue(Duration::from_secs(5))
 }
 
+/// The controller could not list PyTorchJobs: the CRD is missing, or the account may not.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot list PyTorchJobs ({0}): is the CRD installed? `ferrun-operator crd | kubectl apply -f -`")]
+pub struct NoCrd(#[source] pub kube::Error);
+
 /// Runs the controller until a signal: jobs in `namespace` (all when `None`), their pods and
 /// services by the operator's label, `concurrency` reconciles at once.
 ///
@@ -234,7 +241,7 @@ pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<&str>,
     concurrency: u16,
-) -> anyhow::Result<()> {
+) -> Result<(), NoCrd> {
     let client = ctx.client.clone();
     let (jobs, pods, services): (Api<PyTorchJob>, Api<Pod>, Api<Service>) = match namespace {
         Some(ns) => (
@@ -248,9 +255,9 @@ pub async fn run(
             Api::all(client),
         ),
     };
-    jobs.list(&ListParams::default().limit(1)).await.map_err(|e| {
-        anyhow::anyhow!("cannot list PyTorchJobs ({e}): is the CRD installed? `ferrun-operator crd | kubectl apply -f -`")
-    })?;
+    jobs.list(&ListParams::default().limit(1))
+        .await
+        .map_err(NoCrd)?;
     let children = watcher::Config::default().labels(&format!("{OPERATOR_NAME}={CONTROLLER_NAME}"));
     Controller::new(jobs, watcher::Config::default().any_semantic())
         .owns(pods, children.clone())

@@ -5,22 +5,22 @@
 //! as it changes. Users try a job before they submit it; tests run real jobs.
 
 use std::io::Write;
-use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
-use crate::crd::{JobStatus, PyTorchJob};
+use crate::crd::{JobStatus, PyTorchJob, ReplicaSpec};
 use crate::defaults::main_container;
 use crate::lifecycle::{self, after_exit, AfterExit, Phase, PodState, Verdict};
+use crate::names;
+use crate::policy::{CleanPodPolicy, Condition, RestartPolicy};
 use crate::render::{self, RenderOptions};
 
 mod process;
 
-use process::{command, forward_signals, start};
+pub(crate) use process::{forward_signals, start, stop_all, Proc};
 
 /// Why a job could not be run locally.
 #[derive(Debug, thiserror::Error)]
@@ -71,21 +71,16 @@ pub struct Outcome {
 }
 
 /// One replica as a local process.
-pub(super) struct Replica {
-    name: String,
+struct Replica {
+    proc: Proc,
     state: PodState,
-    policy: String,
-    command: Command,
-    /// The running process (its own process group).
-    pid: Option<u32>,
-    /// Bumped per start, so that a late exit of an old process is not taken for the new one.
-    generation: u32,
+    policy: RestartPolicy,
     restarts: i32,
     exit_code: Option<i32>,
 }
 
 /// What the main loop waits for.
-pub(super) enum Event {
+pub(crate) enum Event {
     /// Replica `.0`'s process of generation `.1` exited with code `.2`.
     Exited(usize, u32, i32),
     /// The operator itself got this signal.
@@ -100,28 +95,28 @@ pub(super) enum Event {
 pub fn run(job: &PyTorchJob, options: &LocalOptions) -> Result<Outcome, LocalError> {
     let started = Instant::now();
     let mut replicas = Vec::new();
-    for (rtype, index) in render::replicas(job) {
+    let hosts: Vec<String> = names::replicas(job)
+        .into_iter()
+        .map(|(rtype, i)| names::pod_name(job.job_name(), &rtype, i))
+        .collect();
+    for (rtype, index) in names::replicas(job) {
         let pod = render::pod(job, &rtype, index, &options.render);
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let spec = pod.spec.unwrap_or_default();
+        let spec = pod.spec.clone().unwrap_or_default();
         let container = main_container(&spec.containers)
             .cloned()
             .unwrap_or_default();
         let policy = job
             .replica(&rtype)
-            .and_then(|r| r.restart_policy.clone())
-            .unwrap_or_else(|| "OnFailure".into());
+            .map(ReplicaSpec::restart_policy)
+            .unwrap_or_default();
         replicas.push(Replica {
-            command: command(job, &name, &container)?,
-            name,
+            proc: Proc::new(&pod, &container, &hosts)?,
             state: PodState {
                 rtype,
                 index,
                 phase: Phase::Pending,
             },
             policy,
-            pid: None,
-            generation: 0,
             restarts: 0,
             exit_code: None,
         });
@@ -138,13 +133,14 @@ pub fn run(job: &PyTorchJob, options: &LocalOptions) -> Result<Outcome, LocalErr
     let mut shown = String::new();
     lifecycle::set_condition(
         &mut status,
-        "Created",
+        Condition::Created,
         "PyTorchJobCreated",
         &format!("PyTorchJob {} is created.", job.job_name()),
         &now(),
     );
     for (i, replica) in replicas.iter_mut().enumerate() {
-        start(replica, i, &exits)?;
+        start(&mut replica.proc, i, &exits)?;
+        replica.state.phase = Phase::Running;
     }
     let mut restarts = 0;
     let deadline = options.timeout.map(|t| started + t);
@@ -163,7 +159,7 @@ pub fn run(job: &PyTorchJob, options: &LocalOptions) -> Result<Outcome, LocalErr
             let message = format!("PyTorchJob {} is running.", job.job_name());
             lifecycle::set_condition(
                 &mut status,
-                "Running",
+                Condition::Running,
                 "PyTorchJobRunning",
                 &message,
                 &now(),
@@ -185,12 +181,12 @@ pub fn run(job: &PyTorchJob, options: &LocalOptions) -> Result<Outcome, LocalErr
             Err(_) => continue,
         };
         let replica = &mut replicas[i];
-        if generation != replica.generation {
+        if generation != replica.proc.generation {
             continue;
         }
-        replica.pid = None;
+        replica.proc.pid = None;
         replica.exit_code = Some(code);
-        match after_exit(&replica.policy, code) {
+        match after_exit(replica.policy, code) {
             AfterExit::Done => replica.state.phase = Phase::Succeeded,
             AfterExit::FailJob => replica.state.phase = Phase::Failed,
             again @ (AfterExit::RestartInPlace | AfterExit::Recreate) => {
@@ -203,11 +199,11 @@ pub fn run(job: &PyTorchJob, options: &LocalOptions) -> Result<Outcome, LocalErr
                 };
                 let message = format!(
                     "{} exited with code {code} and is {how} ({} restarts so far).",
-                    replica.name, restarts
+                    replica.proc.name, restarts
                 );
                 lifecycle::set_condition(
                     &mut status,
-                    "Restarting",
+                    Condition::Restarting,
                     "PyTorchJobRestarting",
                     &message,
                     &now(),
@@ -219,7 +215,8 @@ pub fn run(job: &PyTorchJob, options: &LocalOptions) -> Result<Outcome, LocalErr
                 {
                     continue;
                 }
-                start(&mut replicas[i], i, &exits)?;
+                start(&mut replicas[i].proc, i, &exits)?;
+                replicas[i].state.phase = Phase::Running;
             }
         }
     };
@@ -268,10 +265,16 @@ fn finish(
     match verdict {
         Verdict::Succeeded => {
             let message = format!("PyTorchJob {name} is successfully completed.");
-            lifecycle::set_condition(status, "Succeeded", "PyTorchJobSucceeded", &message, &now());
+            lifecycle::set_condition(
+                status,
+                Condition::Succeeded,
+                "PyTorchJobSucceeded",
+                &message,
+                &now(),
+            );
         }
         Verdict::Failed(reason, message) => {
-            lifecycle::set_condition(status, "Failed", reason, message, &now());
+            lifecycle::set_condition(status, Condition::Failed, reason, message, &now());
         }
         Verdict::Running => {}
     }
@@ -285,7 +288,7 @@ fn finish(
         } else {
             FINISHING
         };
-    while replicas.iter().any(|r| r.pid.is_some()) {
+    while replicas.iter().any(|r| r.proc.pid.is_some()) {
         let left = until.saturating_duration_since(Instant::now());
         let Ok(event) = exited.recv_timeout(left) else {
             break;
@@ -294,8 +297,8 @@ fn finish(
             continue;
         };
         let r = &mut replicas[i];
-        if generation == r.generation {
-            r.pid = None;
+        if generation == r.proc.generation {
+            r.proc.pid = None;
             r.exit_code = Some(code);
             r.state.phase = if code == 0 {
                 Phase::Succeeded
@@ -304,57 +307,34 @@ fn finish(
             };
         }
     }
-    let policy = job
-        .spec
-        .run_policy
-        .as_ref()
-        .and_then(|r| r.clean_pod_policy.clone())
-        .unwrap_or_else(|| "None".into());
-    let running: Vec<&mut Replica> = replicas.iter_mut().filter(|r| r.pid.is_some()).collect();
-    if running.is_empty() {
+    let policy = job.clean_pod_policy();
+    let names: Vec<&str> = replicas
+        .iter()
+        .filter(|r| r.proc.pid.is_some())
+        .map(|r| r.proc.name.as_str())
+        .collect();
+    if names.is_empty() {
         return;
     }
-    let names: Vec<&str> = running.iter().map(|r| r.name.as_str()).collect();
     if interrupted {
         println!("[ferrun-operator] stopping {}", names.join(", "));
-    } else if policy == "None" {
+    } else if policy == CleanPodPolicy::None {
         println!("[ferrun-operator] cleanPodPolicy None would leave {} running in a cluster; a local run stops them", names.join(", "));
     } else {
         println!(
-            "[ferrun-operator] cleanPodPolicy {policy}: stopping {}",
+            "[ferrun-operator] cleanPodPolicy {policy:?}: stopping {}",
             names.join(", ")
         );
     }
-    for r in running {
-        if let Some(pid) = r.pid {
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
-            r.state.phase = Phase::Deleted;
-        }
+    for r in replicas.iter_mut().filter(|r| r.proc.pid.is_some()) {
+        r.state.phase = Phase::Deleted;
     }
-    // A grace for SIGTERM, as the kubelet gives, then SIGKILL for what is left.
-    let until = Instant::now() + STOP_GRACE;
-    while replicas.iter().any(|r| r.pid.is_some()) {
-        let left = until.saturating_duration_since(Instant::now());
-        let Ok(event) = exited.recv_timeout(left) else {
-            break;
-        };
-        let Event::Exited(i, generation, _) = event else {
-            continue;
-        };
-        if generation == replicas[i].generation {
-            replicas[i].pid = None;
-        }
-    }
-    for pid in replicas.iter_mut().filter_map(|r| r.pid.take()) {
-        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-    }
+    let mut procs: Vec<&mut Proc> = replicas.iter_mut().map(|r| &mut r.proc).collect();
+    stop_all(&mut procs, exited);
 }
 
 /// How long pods may take to end on their own once the job has ended.
 const FINISHING: Duration = Duration::from_secs(3);
-
-/// How long a stopped pod may take to exit after SIGTERM.
-const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Prints the job's state and replica counts when they changed.
 fn show(job: &PyTorchJob, status: &JobStatus, shown: &mut String) {
@@ -388,14 +368,38 @@ fn show(job: &PyTorchJob, status: &JobStatus, shown: &mut String) {
 
 /// The table at the end: each pod's phase, last exit code and restarts.
 fn summary(replicas: &[Replica]) {
+    let rows: Vec<SummaryRow<'_>> = replicas
+        .iter()
+        .map(|r| SummaryRow {
+            pod: &r.proc.name,
+            phase: format!("{:?}", r.state.phase),
+            exit: r.exit_code,
+            restarts: r.restarts,
+        })
+        .collect();
+    print_summary(&rows);
+}
+
+/// A line of the table a local run ends with.
+pub(crate) struct SummaryRow<'a> {
+    pub(crate) pod: &'a str,
+    pub(crate) phase: String,
+    pub(crate) exit: Option<i32>,
+    pub(crate) restarts: i32,
+}
+
+/// Prints the table: each pod's phase, last exit code and restarts.
+pub(crate) fn print_summary(rows: &[SummaryRow<'_>]) {
     println!(
         "{:<40} {:<10} {:>5} {:>8}",
         "pod", "phase", "exit", "restarts"
     );
-    for r in replicas {
-        let exit = r.exit_code.map_or("-".into(), |c| c.to_string());
-        let phase = format!("{:?}", r.state.phase);
-        println!("{:<40} {:<10} {:>5} {:>8}", r.name, phase, exit, r.restarts);
+    for r in rows {
+        let exit = r.exit.map_or("-".into(), |c| c.to_string());
+        println!(
+            "{:<40} {:<10} {:>5} {:>8}",
+            r.pod, r.phase, exit, r.restarts
+        );
     }
     let _ = std::io::stdout().flush();
 }

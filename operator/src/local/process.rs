@@ -7,18 +7,19 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
-use k8s_openapi::api::core::v1::Container;
-use nix::sys::signal::{SigSet, Signal};
+use std::time::{Duration, Instant};
 
-use super::{Event, LocalError, Replica};
-use crate::crd::PyTorchJob;
-use crate::lifecycle::Phase;
-use crate::render;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use nix::sys::signal::{killpg, SigSet, Signal};
+use nix::unistd::Pid;
+
+use super::{Event, LocalError};
 
 /// Turns SIGINT, SIGTERM and SIGHUP into events of the main loop: blocked in this thread (and
 /// so in every thread started after), awaited by one of their own. Children start with an
 /// empty signal mask, so they still get signals.
-pub(super) fn forward_signals(events: mpsc::Sender<Event>) {
+pub(crate) fn forward_signals(events: mpsc::Sender<Event>) {
     let mut set = SigSet::empty();
     for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         set.add(signal);
@@ -33,46 +34,93 @@ pub(super) fn forward_signals(events: mpsc::Sender<Event>) {
     });
 }
 
-/// The process a replica's training container runs: its command and args, its environment
-/// with the pods' service names pointing at this machine.
-pub(super) fn command(
-    job: &PyTorchJob,
-    pod: &str,
-    container: &Container,
-) -> Result<Command, LocalError> {
-    let fail = |why: String| LocalError::Container {
-        pod: pod.into(),
-        why,
-    };
-    let mut argv = container.command.clone().unwrap_or_default();
-    if argv.is_empty() {
-        return Err(fail(format!("container {:?} has no command: local mode runs the container's command, not its image's entrypoint; give `command:`", container.name)));
-    }
-    argv.extend(container.args.clone().unwrap_or_default());
-    let services: Vec<String> = render::replicas(job)
-        .into_iter()
-        .map(|(rtype, i)| render::pod_name(job.job_name(), &rtype, i))
-        .collect();
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..]);
-    for var in container.env.clone().unwrap_or_default() {
-        let Some(mut value) = var.value else {
-            return Err(fail(format!("variable {} comes from valueFrom, which local mode cannot resolve: give it a value", var.name)));
+/// A pod's training container as a local process.
+pub(crate) struct Proc {
+    /// The pod's name (prefixes its output).
+    pub(crate) name: String,
+    command: Command,
+    /// The running process (its own process group).
+    pub(crate) pid: Option<u32>,
+    /// Bumped per start, so that a late exit of an old process is not taken for the new one.
+    pub(crate) generation: u32,
+}
+
+impl Proc {
+    /// The process `container` of `pod` runs: its command and args, its environment (values,
+    /// and fields of the pod's own metadata) with the names in `hosts` pointing at this machine.
+    /// `hosts` lists longer names first (`a-0.a` before `a-0`).
+    pub(crate) fn new(
+        pod: &Pod,
+        container: &Container,
+        hosts: &[String],
+    ) -> Result<Self, LocalError> {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let fail = |why: String| LocalError::Container {
+            pod: name.clone(),
+            why,
         };
-        for name in &services {
-            value = replace_host(&value, name);
+        let mut argv = container.command.clone().unwrap_or_default();
+        if argv.is_empty() {
+            return Err(fail(format!("container {:?} has no command: local mode runs the container's command, not its image's entrypoint; give `command:`", container.name)));
         }
-        cmd.env(var.name, value);
+        argv.extend(container.args.clone().unwrap_or_default());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        for var in container.env.clone().unwrap_or_default() {
+            let value = match (&var.value, &var.value_from) {
+                (Some(value), _) => value.clone(),
+                (None, Some(from)) => from
+                    .field_ref
+                    .as_ref()
+                    .and_then(|f| field(&pod.metadata, &f.field_path))
+                    .ok_or_else(|| fail(format!("variable {} comes from a valueFrom that local mode cannot resolve (only fields of the pod's metadata): give it a value", var.name)))?,
+                (None, None) => String::new(),
+            };
+            let value = hosts
+                .iter()
+                .fold(value, |value, host| replace_host(&value, host));
+            cmd.env(var.name, value);
+        }
+        if let Some(dir) = &container.working_dir {
+            cmd.current_dir(dir);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        unblock_signals(&mut cmd);
+        Ok(Self {
+            name,
+            command: cmd,
+            pid: None,
+            generation: 0,
+        })
     }
-    if let Some(dir) = &container.working_dir {
-        cmd.current_dir(dir);
+}
+
+/// A field of the pod's metadata as a `fieldRef` names it: `metadata.name`,
+/// `metadata.namespace`, `metadata.annotations['k']`, `metadata.labels['k']`.
+fn field(meta: &ObjectMeta, path: &str) -> Option<String> {
+    let keyed = |prefix: &str| {
+        path.strip_prefix(prefix)?
+            .strip_prefix("['")?
+            .strip_suffix("']")
+            .map(str::to_owned)
+    };
+    match path {
+        "metadata.name" => meta.name.clone(),
+        "metadata.namespace" => Some(meta.namespace.clone().unwrap_or_else(|| "default".into())),
+        _ => {
+            if let Some(key) = keyed("metadata.annotations") {
+                meta.annotations.as_ref()?.get(&key).cloned()
+            } else {
+                meta.labels
+                    .as_ref()?
+                    .get(&keyed("metadata.labels")?)
+                    .cloned()
+            }
+        }
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    unblock_signals(&mut cmd);
-    Ok(cmd)
 }
 
 /// Starts the process with no signal blocked: local mode blocks SIGINT/SIGTERM/SIGHUP to await
@@ -106,9 +154,9 @@ fn replace_host(value: &str, name: &str) -> String {
     out
 }
 
-/// Starts (or restarts) replica `i`; its exit arrives on `exits`.
-pub(super) fn start(
-    replica: &mut Replica,
+/// Starts (or restarts) process `i`; its exit arrives on `exits`.
+pub(crate) fn start(
+    replica: &mut Proc,
     i: usize,
     exits: &mpsc::Sender<Event>,
 ) -> Result<(), LocalError> {
@@ -121,7 +169,6 @@ pub(super) fn start(
             source,
         })?;
     replica.generation += 1;
-    replica.state.phase = Phase::Running;
     let prefix = format!("[{}]", replica.name);
     let streams: Vec<Box<dyn Read + Send>> = [
         child
@@ -161,6 +208,33 @@ pub(super) fn start(
     });
     Ok(())
 }
+
+/// Stops every process still running: SIGTERM to its group, a grace as the kubelet gives,
+/// then SIGKILL for what is left. `procs[i]` is the process whose exits arrive as index `i`.
+pub(crate) fn stop_all(procs: &mut [&mut Proc], exited: &mpsc::Receiver<Event>) {
+    for pid in procs.iter().filter_map(|p| p.pid) {
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    }
+    let until = Instant::now() + STOP_GRACE;
+    while procs.iter().any(|p| p.pid.is_some()) {
+        let left = until.saturating_duration_since(Instant::now());
+        let Ok(event) = exited.recv_timeout(left) else {
+            break;
+        };
+        let Event::Exited(i, generation, _) = event else {
+            continue;
+        };
+        if let Some(p) = procs.get_mut(i).filter(|p| p.generation == generation) {
+            p.pid = None;
+        }
+    }
+    for pid in procs.iter_mut().filter_map(|p| p.pid.take()) {
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+}
+
+/// How long a stopped pod may take to exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {
