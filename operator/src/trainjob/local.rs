@@ -15,6 +15,7 @@ use nix::sys::signal::Signal;
 use super::crd::{TrainJob, TrainingRuntime};
 use super::render::{self, RenderedPod, NODE_CONTAINER};
 use super::TrainJobError;
+use crate::lifecycle::Phase;
 use crate::local::{
     forward_signals, print_summary, start, stop_all, Event, LocalError, Proc, SummaryRow,
 };
@@ -31,11 +32,20 @@ pub struct RunOptions {
     pub forward_signals: bool,
 }
 
+/// A TrainJob's terminal condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Terminal {
+    /// Every pod of every replicated job succeeded.
+    Complete,
+    /// A Job failed (or the deadline passed, or the run was interrupted).
+    Failed,
+}
+
 /// How a local TrainJob run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
-    /// `Complete` or `Failed`: the TrainJob's terminal condition.
-    pub condition: &'static str,
+    /// The TrainJob's terminal condition.
+    pub condition: Terminal,
     /// Its reason (one word).
     pub reason: String,
     /// For people.
@@ -49,7 +59,7 @@ pub struct Outcome {
 impl Outcome {
     /// Whether the job completed.
     pub fn succeeded(&self) -> bool {
-        self.condition == "Complete"
+        self.condition == Terminal::Complete
     }
 }
 
@@ -57,7 +67,7 @@ impl Outcome {
 struct Node {
     rendered: RenderedPod,
     proc: Proc,
-    phase: &'static str,
+    phase: Phase,
     exit: Option<i32>,
     restarts: i32,
 }
@@ -116,7 +126,7 @@ pub fn run(
         nodes.push(Node {
             proc: Proc::new(&r.pod, &container, &hosts)?,
             rendered: r,
-            phase: "Pending",
+            phase: Phase::Pending,
             exit: None,
             restarts: 0,
         });
@@ -169,23 +179,23 @@ pub fn run(
     }
     let (condition, reason, message, interrupted) = ended.unwrap_or_else(|| {
         (
-            "Complete",
+            Terminal::Complete,
             "JobsCompleted".into(),
             format!("TrainJob {name} is completed"),
             None,
         )
     });
     for node in nodes.iter_mut().filter(|n| n.proc.pid.is_some()) {
-        node.phase = "Deleted";
+        node.phase = Phase::Deleted;
     }
     let mut procs: Vec<&mut Proc> = nodes.iter_mut().map(|n| &mut n.proc).collect();
     stop_all(&mut procs, &exited);
-    println!("[ferrun-operator] trainjob {name}: {condition} ({reason}) — {message}");
+    println!("[ferrun-operator] trainjob {name}: {condition:?} ({reason}) — {message}");
     let rows: Vec<SummaryRow<'_>> = nodes
         .iter()
         .map(|n| SummaryRow {
             pod: &n.proc.name,
-            phase: n.phase.into(),
+            phase: format!("{:?}", n.phase),
             exit: n.exit,
             restarts: n.restarts,
         })
@@ -201,7 +211,7 @@ pub fn run(
 }
 
 /// How a run ended early: condition, reason, message, the signal if one ended it.
-type End = (&'static str, String, String, Option<i32>);
+type End = (Terminal, String, String, Option<i32>);
 
 /// Runs one replicated job's pods until all succeed (`None`) or the run ends.
 #[allow(clippy::too_many_arguments)]
@@ -216,7 +226,7 @@ fn run_group(
 ) -> Result<Option<End>, LocalError> {
     for &i in members {
         start(&mut nodes[i].proc, i, exits)?;
-        nodes[i].phase = "Running";
+        nodes[i].phase = Phase::Running;
     }
     let backoff_limit = members
         .first()
@@ -227,21 +237,26 @@ fn run_group(
         let count = |phase| members.iter().filter(|&&i| nodes[i].phase == phase).count();
         let line = format!(
             "[ferrun-operator] trainjob {job}: {replicated_job} {} active, {} succeeded, {failures} failed",
-            count("Running"),
-            count("Succeeded")
+            count(Phase::Running),
+            count(Phase::Succeeded)
         );
         if line != shown {
             println!("{line}");
             shown = line;
         }
-        if count("Succeeded") == members.len() {
+        if count(Phase::Succeeded) == members.len() {
             return Ok(None);
         }
         let wait = match deadline {
             Some((at, limit, why)) => {
                 if Instant::now() >= at {
                     let message = format!("the job ran past {why} ({limit:?})");
-                    return Ok(Some(("Failed", "DeadlineExceeded".into(), message, None)));
+                    return Ok(Some((
+                        Terminal::Failed,
+                        "DeadlineExceeded".into(),
+                        message,
+                        None,
+                    )));
                 }
                 at.saturating_duration_since(Instant::now()) + Duration::from_millis(1)
             }
@@ -253,7 +268,7 @@ fn run_group(
                 let what = Signal::try_from(signal).map_or("a signal", |s| s.as_str());
                 let message = format!("local mode got {what}");
                 return Ok(Some((
-                    "Failed",
+                    Terminal::Failed,
                     "Interrupted".into(),
                     message,
                     Some(signal),
@@ -268,17 +283,17 @@ fn run_group(
         node.proc.pid = None;
         node.exit = Some(code);
         if code == 0 {
-            node.phase = "Succeeded";
+            node.phase = Phase::Succeeded;
             continue;
         }
         failures += 1;
         if failures > backoff_limit {
-            node.phase = "Failed";
+            node.phase = Phase::Failed;
             let message = format!(
                 "job {job}-{replicated_job}-0 failed: {} exited with code {code}, {failures} failures past backoffLimit {backoff_limit}",
                 node.proc.name
             );
-            return Ok(Some(("Failed", "FailedJobs".into(), message, None)));
+            return Ok(Some((Terminal::Failed, "FailedJobs".into(), message, None)));
         }
         println!(
             "[ferrun-operator] {} exited with code {code}; restarted ({failures} of backoffLimit {backoff_limit})",

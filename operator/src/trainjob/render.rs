@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::crd::{ReplicatedJob, TrainJob, TrainingRuntime};
+use crate::policy::RestartPolicy;
 
 /// The label that marks the runtime's trainer job.
 pub const ANCESTOR_LABEL: &str = "trainer.kubeflow.org/trainjob-ancestor-step";
@@ -264,7 +265,7 @@ pub fn pods(job: &TrainJob, runtime: &TrainingRuntime) -> Vec<RenderedPod> {
                 spec.subdomain = Some(name.into());
                 // JobSet's webhook defaults it: a Job's pods may not restart Always.
                 spec.restart_policy
-                    .get_or_insert_with(|| "OnFailure".into());
+                    .get_or_insert_with(|| RestartPolicy::OnFailure.for_pod().into());
                 for container in &mut spec.containers {
                     if is_trainer && container.name == NODE_CONTAINER {
                         configure_node(container, job, runtime, torch);
