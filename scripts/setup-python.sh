@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs torch 2.13.0 (PyPI, ~4.7 GB), numpy (torch's object collectives need it), maturin,
-# scikit-learn (its wheel carries the digits data the trainer learns) and the kfp SDK (the
-# Kubeflow Pipelines examples) into a virtualenv kept outside the clone and reused when
+# scikit-learn (its wheel carries the digits data the trainer learns), the kfp SDK and the
+# training SDK (the Kubeflow Pipelines examples and their launcher step) into a virtualenv kept outside the clone and reused when
 # present, then builds this checkout's
 # `ferrun` Python package (the torch backend, torch-backend/) and installs it there. Prints the
 # virtualenv's path. Override the location with FERRUN_VENV.
@@ -17,9 +17,9 @@ if ! has_torch; then
   "$venv/bin/pip" install --quiet --progress-bar off torch==2.13.0 >&2
   has_torch || { echo "torch 2.13.0 did not install into $venv" >&2; exit 1; }
 fi
-if ! "$venv/bin/python" -c "import numpy, maturin, sklearn, kfp, sys; sys.exit(kfp.__version__ != '2.17.3')" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import numpy, maturin, sklearn, kfp, kubeflow.training, sys; sys.exit(kfp.__version__ != '2.17.3')" 2>/dev/null; then
   "$venv/bin/pip" install --quiet --progress-bar off numpy 'maturin>=1.9,<2' scikit-learn==1.9.1 \
-    kfp==2.17.3 >&2
+    kfp==2.17.3 kubeflow-training==1.9.4 >&2
 fi
 # Built every time, so that the venv holds this checkout's backend (cargo makes it quick when
 # nothing changed); abi3, so the one wheel serves every CPython >= 3.9.

@@ -198,6 +198,7 @@ def launch_pytorchjob(job: dict, namespace: str, wait_timeout_s: int, delete_aft
             job_kind="PyTorchJob",
             expected_conditions={"Succeeded", "Failed"},
             wait_timeout=wait_timeout_s,
+            polling_interval=5,
         )
         last = done.status.conditions[-1]
         if client.is_job_failed(job=done, job_kind="PyTorchJob"):

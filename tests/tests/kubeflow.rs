@@ -291,25 +291,70 @@ fn the_launcher_steps_pytorchjob_is_valid_means_its_world_and_runs_to_succeeded(
             );
         }
     }
+    // The step's own code (the training SDK's TrainingClient) against a stand-in API server
+    // that runs each created job with `ferrun-operator local`.
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("job.json");
     std::fs::write(&file, &manifest.stdout).expect("job file");
     let _turn = turn();
-    let out = run(
-        Command::new(workspace_binary("ferrun-operator"))
-            .args(["local", "--timeout", "240"])
-            .arg(&file),
-        300,
-    );
+    let out = launcher_step(&file);
     let text = text(&out);
     assert!(out.status.success(), "{text}");
     assert!(
-        text.contains("PyTorchJob ferrun-digits is successfully completed."),
+        text.contains("result: Succeeded: PyTorchJob is successfully completed."),
         "{text}"
     );
     let accuracy = final_accuracy(&text);
     assert!(accuracy >= 0.95, "{accuracy}: {text}");
     assert!(text.contains("world=4"), "{text}");
+    let path = "/apis/kubeflow.org/v1/namespaces/team/pytorchjobs";
+    let requests = text.split("requests: ").nth(1).expect("requests line");
+    assert!(
+        requests.starts_with(&format!("[\"POST {path}\", \"GET {path}/ferrun-digits\"")),
+        "{requests}"
+    );
+    assert!(
+        requests
+            .trim_end()
+            .ends_with(&format!("\"DELETE {path}/ferrun-digits\"]")),
+        "{requests}"
+    );
+}
+
+/// Runs the launcher step's Python function on `job` against the stand-in API server.
+fn launcher_step(job: &Path) -> Output {
+    let script = repo().join("tests/workers/kfp_launcher_step.py");
+    python(&[
+        &script.display().to_string(),
+        &job.display().to_string(),
+        "team",
+    ])
+}
+
+#[test]
+fn a_pytorchjob_that_fails_fails_the_launcher_step_and_is_still_deleted() {
+    let port = free_port();
+    // A stage the trainer refuses (exit 2), past the builder's own check, and no retries.
+    let code = format!(
+        "import json, sys; sys.path.insert(0, 'examples/kfp'); import ferrun_pipelines as p; j = p.pytorchjob_manifest(workers=0, port={port}); j['spec']['runPolicy']['backoffLimit'] = 0; c = j['spec']['pytorchReplicaSpecs']['Master']['template']['spec']['containers'][0]; c['args'] = ['--stage', 'zero9']; print(json.dumps(j))"
+    );
+    let manifest = python(&["-c", &code]);
+    assert!(manifest.status.success(), "{}", text(&manifest));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("job.json");
+    std::fs::write(&file, &manifest.stdout).expect("job file");
+    let _turn = turn();
+    let out = launcher_step(&file);
+    let text = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("the step failed: PyTorchJob team/ferrun-digits failed: PyTorchJobFailed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("DELETE /apis/kubeflow.org/v1/namespaces/team/pytorchjobs/ferrun-digits"),
+        "{text}"
+    );
 }
 
 #[test]
