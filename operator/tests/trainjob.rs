@@ -215,6 +215,27 @@ fn bad_trainjobs_are_refused_with_trainers_messages() {
         .expect_err("long")
         .to_string();
     assert!(err.contains("at most 63"), "{err}");
+    let cpu = TWO_BY_TWO.replace(
+        "numProcPerNode: 2",
+        "resourcesPerNode: {limits: {cpu: lots}}",
+    );
+    let err = trainjob::validate(&job(&cpu), &runtime::torch_distributed())
+        .expect_err("cpu")
+        .to_string();
+    assert!(
+        err.contains("resourcesPerNode.limits.cpu \"lots\": not a CPU quantity"),
+        "{err}"
+    );
+    // Counts from a runtime are bounded before anything is rendered (no 2^31-pod vector).
+    let mut huge = runtime::torch_distributed();
+    huge.spec.template.spec.replicated_jobs[0].replicas = Some(i32::MAX);
+    let err = trainjob::validate(&job(TWO_BY_TWO), &huge)
+        .expect_err("huge")
+        .to_string();
+    assert!(
+        err.contains("2147483647 copies") && err.contains("pods: at most 10000"),
+        "{err}"
+    );
     let err = trainjob::load_trainjob(&TWO_BY_TWO.replace("kind: TrainJob", "kind: PyTorchJob"))
         .expect_err("kind")
         .to_string();

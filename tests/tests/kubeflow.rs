@@ -189,11 +189,8 @@ fn the_pipelines_compile_to_ir_whose_steps_run_ferrun_with_their_placeholders() 
         .contains("kubeflow-training==1.9.4"));
     let job = &launcher["root"]["dag"]["tasks"]["launch-pytorchjob"]["inputs"]["parameters"]["job"]
         ["runtimeValue"]["constant"];
-    let manifest = python(&[
-        "-c",
-        "import json, sys; sys.path.insert(0, 'examples/kfp'); import ferrun_pipelines as p; print(json.dumps(p.pytorchjob_manifest()))",
-    ]);
-    let manifest: Value = serde_yaml::from_slice(&manifest.stdout).expect("manifest JSON");
+    let manifest: Value =
+        serde_yaml::from_slice(&manifest("j = p.pytorchjob_manifest()")).expect("manifest JSON");
     assert_eq!(numbers_as_floats(job), numbers_as_floats(&manifest));
     assert_eq!(
         keys(&launcher["root"]["inputDefinitions"]["parameters"]),
@@ -264,12 +261,10 @@ fn free_port() -> u16 {
 #[test]
 fn the_launcher_steps_pytorchjob_is_valid_means_its_world_and_runs_to_succeeded() {
     let port = free_port();
-    let code = format!(
-        "import json, sys; sys.path.insert(0, 'examples/kfp'); import ferrun_pipelines as p; print(json.dumps(p.pytorchjob_manifest(workers=1, nproc_per_node=2, epochs=20, port={port})))"
-    );
-    let manifest = python(&["-c", &code]);
-    assert!(manifest.status.success(), "{}", text(&manifest));
-    let job = load_job(&String::from_utf8_lossy(&manifest.stdout)).expect("the operator takes it");
+    let manifest = manifest(&format!(
+        "j = p.pytorchjob_manifest(workers=1, nproc_per_node=2, epochs=20, port={port})"
+    ));
+    let job = load_job(&String::from_utf8_lossy(&manifest)).expect("the operator takes it");
     let replicas = names::replicas(&job);
     assert_eq!(replicas.len(), 2);
     for (rank, (rtype, index)) in replicas.iter().enumerate() {
@@ -293,11 +288,8 @@ fn the_launcher_steps_pytorchjob_is_valid_means_its_world_and_runs_to_succeeded(
     }
     // The step's own code (the training SDK's TrainingClient) against a stand-in API server
     // that runs each created job with `ferrun-operator local`.
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("job.json");
-    std::fs::write(&file, &manifest.stdout).expect("job file");
     let _turn = turn();
-    let out = launcher_step(&file);
+    let out = launcher_step(&manifest);
     let text = text(&out);
     assert!(out.status.success(), "{text}");
     assert!(
@@ -321,30 +313,39 @@ fn the_launcher_steps_pytorchjob_is_valid_means_its_world_and_runs_to_succeeded(
     );
 }
 
-/// Runs the launcher step's Python function on `job` against the stand-in API server.
-fn launcher_step(job: &Path) -> Output {
+/// Runs the launcher step's Python function on `job` (JSON) against the stand-in API server.
+fn launcher_step(job: &[u8]) -> Output {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("job.json");
+    std::fs::write(&file, job).expect("job file");
     let script = repo().join("tests/workers/kfp_launcher_step.py");
     python(&[
         &script.display().to_string(),
-        &job.display().to_string(),
+        &file.display().to_string(),
         "team",
     ])
+}
+
+/// A PyTorchJob from `examples/kfp`'s builder, as JSON: `build` is Python that binds `j`, with
+/// the pipelines module as `p`.
+fn manifest(build: &str) -> Vec<u8> {
+    let code = format!(
+        "import json, sys; sys.path.insert(0, 'examples/kfp'); import ferrun_pipelines as p; {build}; print(json.dumps(j))"
+    );
+    let out = python(&["-c", &code]);
+    assert!(out.status.success(), "{}", text(&out));
+    out.stdout
 }
 
 #[test]
 fn a_pytorchjob_that_fails_fails_the_launcher_step_and_is_still_deleted() {
     let port = free_port();
     // A stage the trainer refuses (exit 2), past the builder's own check, and no retries.
-    let code = format!(
-        "import json, sys; sys.path.insert(0, 'examples/kfp'); import ferrun_pipelines as p; j = p.pytorchjob_manifest(workers=0, port={port}); j['spec']['runPolicy']['backoffLimit'] = 0; c = j['spec']['pytorchReplicaSpecs']['Master']['template']['spec']['containers'][0]; c['args'] = ['--stage', 'zero9']; print(json.dumps(j))"
-    );
-    let manifest = python(&["-c", &code]);
-    assert!(manifest.status.success(), "{}", text(&manifest));
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("job.json");
-    std::fs::write(&file, &manifest.stdout).expect("job file");
+    let manifest = manifest(&format!(
+        "j = p.pytorchjob_manifest(workers=0, port={port}); j['spec']['runPolicy']['backoffLimit'] = 0; c = j['spec']['pytorchReplicaSpecs']['Master']['template']['spec']['containers'][0]; c['args'] = ['--stage', 'zero9']"
+    ));
     let _turn = turn();
-    let out = launcher_step(&file);
+    let out = launcher_step(&manifest);
     let text = text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(

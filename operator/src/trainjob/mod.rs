@@ -157,7 +157,42 @@ pub fn validate(job: &TrainJob, runtime: &TrainingRuntime) -> Result<(), TrainJo
     if is_dns1035_label(name) && host.len() > 63 {
         problems.push(format!("metadata.name {name:?} is too long: pod hostname {host:?} would have {} characters (at most 63); shorten the name by {}", host.len(), host.len() - 63));
     }
+    let mut pods = 0i64;
+    for (i, rjob) in runtime
+        .spec
+        .template
+        .spec
+        .replicated_jobs
+        .iter()
+        .enumerate()
+    {
+        let copies = rjob.replicas.unwrap_or(1);
+        let is_trainer = rjob.name == trainer_job.name;
+        let each = render::completions(job, runtime, rjob, is_trainer);
+        // The trainer's count is numNodes, checked above.
+        let bad_each = !is_trainer && !(1..=MAX_NODES).contains(&each);
+        if !(0..=MAX_NODES).contains(&copies) || bad_each {
+            problems.push(format!("runtime replicatedJobs[{i}] ({}): {copies} copies of {each} pods: give 0 to {MAX_NODES} copies of 1 to {MAX_NODES}", rjob.name));
+        }
+        pods += i64::from(copies.max(0)) * i64::from(each.max(0));
+    }
+    if pods > i64::from(MAX_NODES) {
+        problems.push(format!(
+            "the job would have {pods} pods: at most {MAX_NODES} are served"
+        ));
+    }
     let trainer = job.spec.trainer.clone().unwrap_or_default();
+    let resources = trainer.resources_per_node.clone().unwrap_or_default();
+    for (list, quantities) in [
+        ("limits", &resources.limits),
+        ("requests", &resources.requests),
+    ] {
+        if let Some(cpu) = quantities.as_ref().and_then(|q| q.get("cpu")) {
+            if render::cpu_count(&cpu.0).is_none() {
+                problems.push(format!("spec.trainer.resourcesPerNode.{list}.cpu {:?}: not a CPU quantity (give e.g. 4 or 500m)", cpu.0));
+            }
+        }
+    }
     if let Some(nproc) = &trainer.num_proc_per_node {
         match nproc {
             IntOrString::String(s) if !["auto", "cpu", "gpu"].contains(&s.as_str()) => problems.push(format!(

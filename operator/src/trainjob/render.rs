@@ -112,7 +112,8 @@ pub fn num_proc_per_node(job: &TrainJob, runtime: &TrainingRuntime) -> String {
         match list {
             None => ("1".into(), false),
             Some(r) if uses_cpu(r) => {
-                let cpus = r.get("cpu").map_or(0, |q| cpu_count(&q.0));
+                // Absent is 0 CPUs, as for Kubernetes; the quantity itself was validated.
+                let cpus = r.get("cpu").and_then(|q| cpu_count(&q.0)).unwrap_or(0);
                 (cpus.max(1).to_string(), true)
             }
             Some(_) => (fallback.into(), false),
@@ -127,12 +128,22 @@ pub fn num_proc_per_node(job: &TrainJob, runtime: &TrainingRuntime) -> String {
 /// A resource list (limits or requests).
 type Resources = BTreeMap<String, Quantity>;
 
-/// Whole CPUs of a quantity, rounded up as Kubernetes' `Value()` does (`500m` → 1).
-fn cpu_count(text: &str) -> i64 {
-    match text.strip_suffix('m') {
-        Some(milli) => milli.parse::<i64>().map_or(0, |m| (m + 999) / 1000),
-        None => text.parse::<f64>().map_or(0, |c| c.ceil() as i64),
-    }
+/// Whole CPUs of a quantity, rounded up as Kubernetes' `Value()` does (`500m` → 1); `None`
+/// for what is not a CPU quantity (refused by [`super::validate`]).
+pub(crate) fn cpu_count(text: &str) -> Option<i64> {
+    let cpus = match text.strip_suffix('m') {
+        Some(milli) => milli
+            .parse::<i64>()
+            .ok()
+            .filter(|m| *m >= 0)
+            .map(|m| (m + 999) / 1000),
+        None => text
+            .parse::<f64>()
+            .ok()
+            .filter(|c| c.is_finite())
+            .map(|c| c.ceil() as i64),
+    };
+    cpus.filter(|&c| c >= 0)
 }
 
 /// `<job>-<replicatedJob>-<jobIndex>-<completionIndex>`.
@@ -221,6 +232,22 @@ fn configure_node(
     }
 }
 
+/// Pods of each copy of `rjob`: the node count for the trainer job, else its template's
+/// `completions`, else `parallelism`, else 1.
+pub fn completions(
+    job: &TrainJob,
+    runtime: &TrainingRuntime,
+    rjob: &ReplicatedJob,
+    is_trainer: bool,
+) -> i32 {
+    if is_trainer {
+        return num_nodes(job, runtime);
+    }
+    let spec = rjob.template.spec.as_ref();
+    spec.and_then(|s| s.completions.or(s.parallelism))
+        .unwrap_or(1)
+}
+
 /// Every pod of the job (valid, with its runtime), replicated jobs in the runtime's order.
 pub fn pods(job: &TrainJob, runtime: &TrainingRuntime) -> Vec<RenderedPod> {
     let name = job.metadata.name.as_deref().unwrap_or_default();
@@ -234,11 +261,7 @@ pub fn pods(job: &TrainJob, runtime: &TrainingRuntime) -> Vec<RenderedPod> {
     for rjob in &runtime.spec.template.spec.replicated_jobs {
         let is_trainer = Some(&rjob.name) == trainer_name.as_ref();
         let job_spec = rjob.template.spec.clone().unwrap_or_default();
-        let completions = if is_trainer {
-            num_nodes(job, runtime)
-        } else {
-            job_spec.completions.or(job_spec.parallelism).unwrap_or(1)
-        };
+        let completions = completions(job, runtime, rjob, is_trainer);
         for job_index in 0..rjob.replicas.unwrap_or(1).max(0) {
             for index in 0..completions.max(0) {
                 let mut template = job_spec.template.clone();
@@ -322,9 +345,11 @@ mod tests {
 
     #[test]
     fn cpus_round_up_as_kubernetes_does() {
-        assert_eq!(cpu_count("500m"), 1);
-        assert_eq!(cpu_count("2500m"), 3);
-        assert_eq!(cpu_count("4"), 4);
-        assert_eq!(cpu_count("1.5"), 2);
+        assert_eq!(cpu_count("500m"), Some(1));
+        assert_eq!(cpu_count("2500m"), Some(3));
+        assert_eq!(cpu_count("4"), Some(4));
+        assert_eq!(cpu_count("1.5"), Some(2));
+        assert_eq!(cpu_count("four"), None);
+        assert_eq!(cpu_count("-1"), None);
     }
 }
