@@ -12,7 +12,7 @@ fi
 export FERRUN_VENV="$(scripts/setup-python.sh)"
 cargo build --release --quiet -p ferrun-launcher -p ferrun-bench
 target/release/ferrun-bench launcher --anchors "$anchors" --runs 7
-target/release/ferrun-bench store --rounds 50
+target/release/ferrun-bench store
 mkdir -p bench/out
 target/release/ferrun-bench compare all_reduce --anchors "$anchors" --plot bench/out/all_reduce_busbw.png
 target/release/ferrun-bench compare all_reduce --anchors "$anchors" --two-hosts --plot bench/out/all_reduce_two_hosts_busbw.png

@@ -60,6 +60,9 @@ enum Command {
     /// Hosts a ferrun store server until stdin closes (the bench runs it as a peer process).
     #[command(hide = true)]
     StoreServer,
+    /// One process of `store`'s clients (the bench starts them).
+    #[command(hide = true)]
+    StoreClients(store::ClientOptions),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Command::Compare(options) => compare::run(&options),
         Command::Link(options) => link::run(&options),
         Command::StoreServer => store::serve(),
+        Command::StoreClients(options) => store::serve_clients(&options),
         Command::Torch(options) => torch::run(&options),
         Command::Trainer(options) => trainer::run(&options),
         Command::Zero(options) => zero::run(&options),

@@ -16,6 +16,7 @@
 
 pub mod comm;
 pub mod env;
+mod net;
 pub mod reduce;
 pub mod schedule;
 pub mod store;

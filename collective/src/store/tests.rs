@@ -288,3 +288,25 @@ async fn past_the_connection_cap_new_clients_wait_until_one_closes() {
         .expect("task");
     assert_eq!(got, b"v");
 }
+
+#[tokio::test]
+async fn a_burst_of_clients_past_128_is_queued_by_the_kernel_not_dropped() {
+    // One served connection, so every other client stays in the listen backlog: with the
+    // standard backlog of 128 the kernel drops the SYNs past it and those clients hang for a
+    // second before their first retry — a job of thousands of workers connecting at once.
+    let limits = super::Limits {
+        max_connections: 1,
+        ..super::Limits::default()
+    };
+    let server =
+        StoreServer::bind_with("127.0.0.1:0".parse().expect("addr"), limits).expect("bind");
+    let addr = server.local_addr();
+    let mut held = Vec::new();
+    for i in 0..600 {
+        // A queued loopback handshake completes inside the connect call; only a dropped SYN
+        // waits for the retry a second later, so 900 ms tells the two apart even under load.
+        let c = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(900))
+            .unwrap_or_else(|e| panic!("client {i} of a burst of 600 was not queued: {e}"));
+        held.push(c);
+    }
+}

@@ -134,6 +134,7 @@ impl StoreServer {
             std::io::ErrorKind::AddrInUse => StoreError::AddrInUse { addr },
             _ => StoreError::Bind { addr, source },
         })?;
+        crate::net::deepen_backlog(&listener);
         listener
             .set_nonblocking(true)
             .map_err(|source| StoreError::Bind { addr, source })?;

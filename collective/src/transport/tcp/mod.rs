@@ -83,6 +83,7 @@ impl TcpTransport {
             .local_ip()
             .map_err(io("find the local address that reaches the store".into()))?;
         let listener = TcpListener::bind((ip, 0)).map_err(io(format!("listen on {ip}")))?;
+        crate::net::deepen_backlog(&listener);
         let addr = listener
             .local_addr()
             .map_err(io("read the listener's address".into()))?;
