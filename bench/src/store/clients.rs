@@ -229,7 +229,7 @@ pub(super) fn run(
             "client process {p} reported {n} operations over {s}..{e} ns; {} were asked for",
             proc.expected
         );
-        // Read while it waits for stdin to close (a reaped pid has no stat).
+        // Read before it is reaped: an exited child's stat keeps its times until then.
         cpu_after += super::peer::cpu_seconds(proc.child.id());
         let mut bytes = vec![0u8; n * 8];
         proc.out

@@ -82,7 +82,7 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     println!(
-        "store benchmark: set/get/add/wait rounds, loopback, this machine; clients spread over \
+        "store benchmark: set/get/add/wait rounds, loopback, this machine; clients spread over up to \
          {} processes; {} interleaved runs of each server (medians, range in brackets)",
         o.client_processes, o.repeats
     );
@@ -124,13 +124,27 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
                 theirs.push(measure(torch)?);
             }
         }
-        rows.push((n, rounds, theirs, mine));
+        rows.push(Row {
+            clients: n,
+            rounds,
+            torch: theirs,
+            ferrun: mine,
+        });
     }
     print_table(&rows);
     Ok(())
 }
 
-fn print_table(rows: &[(usize, usize, Vec<Load>, Vec<Load>)]) {
+/// One client count's runs against both servers.
+struct Row {
+    clients: usize,
+    rounds: usize,
+    /// Empty with `--ferrun-only`.
+    torch: Vec<Load>,
+    ferrun: Vec<Load>,
+}
+
+fn print_table(rows: &[Row]) {
     println!(
         "{:>7} {:>6}  {:<7} {:>24} {:>8} {:>22} {:>8} {:>17} {:>10}",
         "clients",
@@ -143,7 +157,13 @@ fn print_table(rows: &[(usize, usize, Vec<Load>, Vec<Load>)]) {
         "CPU µs/op s + c",
         "connect s"
     );
-    for (n, rounds, theirs, mine) in rows {
+    for Row {
+        clients: n,
+        rounds,
+        torch: theirs,
+        ferrun: mine,
+    } in rows
+    {
         let torch_ops = Spread::of(theirs.iter().map(|l| l.ops_per_s));
         for (name, runs) in [("torch", theirs), ("ferrun", mine)] {
             if runs.is_empty() {
