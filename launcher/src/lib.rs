@@ -5,37 +5,27 @@
 //! failure, and reports the root cause.
 //!
 //! # Layout
-//! - [`cli`]: torchrun's flags (both spellings, `PET_*` defaults, the legacy `launch` form).
-//! - [`config`]: flags checked and resolved into a [`config::LaunchConfig`]; every user error
-//!   is found here, before a process starts.
-//! - [`flags`]: parsers for flag values (`--nnodes`, endpoints, `--rdzv-conf`, signals).
-//! - [`entrypoint`]: the worker's command line (`python -u`, `-m`, `--no-python`, `--run-path`).
-//! - [`nproc`]: `--nproc-per-node` as an integer, `cpu`, `gpu` or `auto`.
-//! - [`worker`]: one worker process: its environment and its binding to the launcher's life.
-//! - [`group`]: the workers of an attempt: exit events, stop with grace then SIGKILL.
-//! - [`output`]: worker output, line by line, prefixed, to console and files.
-//! - [`logs`]: `--redirects`, `--tee`, `--log-dir` and torchrun's log layout.
-//! - [`error_file`]: torchrun's `TORCHELASTIC_ERROR_FILE` JSON.
-//! - [`rendezvous`]: static multi-node rendezvous over the agent store, and the agents'
-//!   coordination per attempt (barrier, failure propagation, exit barrier).
-//! - [`netif`]: the network interface that reaches the master (for Gloo and NCCL).
-//! - [`agent`]: the supervision loop: restarts and signals.
-//! - [`report`]: the failure report and the summary table.
+//! Four parts; the arrows are the only imports between them, so there are no cycles
+//! (`tests/layout.rs` checks it):
+//!
+//! ```text
+//! supervision ──► configuration ──► rendezvous
+//!      │                │
+//!      └───────────────►└──────────► reports
+//! ```
+//!
+//! - [`configuration`]: torchrun's command line checked and resolved into a
+//!   [`configuration::config::LaunchConfig`]; every user error is found there, before a
+//!   process starts.
+//! - [`rendezvous`]: how the nodes come together: the static rendezvous over the agent store,
+//!   the elastic round state machine, where the store listens, which interface reaches the
+//!   master.
+//! - [`supervision`]: the agent loop and its pure decision, the worker group, one worker, and
+//!   what keeps no process alive past the launcher.
+//! - [`reports`]: what people and tools read: the failure report and summary table, torchrun's
+//!   error file, log layout and worker output.
 
-pub mod agent;
-pub mod cli;
-pub mod config;
-pub mod descendants;
-pub mod entrypoint;
-pub mod error_file;
-pub mod flags;
-pub mod group;
-pub mod keeper;
-pub mod logs;
-pub mod netif;
-pub mod nproc;
-pub mod output;
+pub mod configuration;
 pub mod rendezvous;
-pub mod report;
-pub mod store_bind;
-pub mod worker;
+pub mod reports;
+pub mod supervision;

@@ -7,11 +7,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use ferrun_collective::store::server as store;
-use ferrun_launcher::agent::{self, Outcome};
-use ferrun_launcher::config::{LaunchConfig, ProcessEnvironment};
-use ferrun_launcher::keeper::Keeper;
-use ferrun_launcher::{cli, descendants};
-use ferrun_launcher::{error_file, report};
+use ferrun_launcher::configuration::cli;
+use ferrun_launcher::configuration::config::{LaunchConfig, ProcessEnvironment};
+use ferrun_launcher::reports::{error_file, report};
+use ferrun_launcher::supervision::agent::{self, Outcome};
+use ferrun_launcher::supervision::descendants;
+use ferrun_launcher::supervision::keeper::Keeper;
 
 /// Exit code for a command line or configuration that cannot work (argparse's code).
 const USAGE: u8 = 2;
@@ -91,7 +92,7 @@ fn run(config: &LaunchConfig) -> anyhow::Result<u8> {
         .context("cannot start the async runtime")?;
     let started = std::time::Instant::now();
     let result = runtime.block_on(agent::run(config));
-    ferrun_launcher::output::flush_console(std::time::Duration::from_secs(2));
+    ferrun_launcher::reports::output::flush_console(std::time::Duration::from_secs(2));
     let result = result?;
     let host = nix::unistd::gethostname()
         .map_or_else(|_| "localhost".into(), |h| h.to_string_lossy().into_owned());

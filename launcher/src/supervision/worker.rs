@@ -14,11 +14,9 @@ use std::process::Stdio;
 use ferrun_collective::WorkerEnv;
 use tokio::process::{Child, Command};
 
-use crate::config::LaunchConfig;
-use crate::rendezvous::Assignment;
-
-/// Replaced by the worker's local rank in the script's arguments (torchrun's macro).
-pub const LOCAL_RANK_MACRO: &str = "${local_rank}";
+use crate::configuration::config::LaunchConfig;
+use crate::configuration::entrypoint::LOCAL_RANK_MACRO;
+use crate::rendezvous::agent_store::Assignment;
 
 /// What every worker of this node shares: its place in the job and the store to bootstrap through.
 #[derive(Debug, Clone)]
@@ -115,7 +113,10 @@ pub fn spawn(
         .args(args)
         .envs(extra_env.iter().map(|(k, v)| (k, v)))
         .envs(env.to_env())
-        .env(crate::descendants::MARK, crate::descendants::mark_value());
+        .env(
+            crate::supervision::descendants::MARK,
+            crate::supervision::descendants::mark_value(),
+        );
     if config.virtual_local_rank {
         command
             .env("LOCAL_RANK", "0")

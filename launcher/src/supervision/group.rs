@@ -19,34 +19,30 @@ use nix::unistd::Pid;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::LaunchConfig;
-use crate::logs::worker_files;
-use crate::output::{self, Console, Duplicate, Sink};
-use crate::worker::{self, Bootstrap, Piped};
+use crate::configuration::config::LaunchConfig;
+use crate::reports::error_file;
+use crate::reports::exit::Exit;
+use crate::reports::logs::worker_files;
+use crate::reports::output::{self, Console, Duplicate, Sink};
+use crate::reports::report::Failure;
+use crate::supervision::worker::{self, Bootstrap, Piped};
 
-/// How a worker process ended.
+/// When and how a worker ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    /// It exited with this code.
-    Code(i32),
-    /// A signal killed it.
-    Signal(i32),
+pub struct Ended {
+    /// How it ended.
+    pub exit: Exit,
+    /// When the launcher saw it (monotonic: for ordering and durations).
+    pub at: Instant,
+    /// When the launcher saw it (wall clock: for the report).
+    pub wall: SystemTime,
 }
 
-impl Exit {
-    /// Exited with code 0.
-    pub fn is_success(self) -> bool {
-        self == Self::Code(0)
-    }
-
-    fn from_status(status: std::process::ExitStatus) -> Self {
-        use std::os::unix::process::ExitStatusExt;
-        match (status.code(), status.signal()) {
-            (Some(code), _) => Self::Code(code),
-            (None, Some(sig)) => Self::Signal(sig),
-            (None, None) => Self::Code(-1),
-        }
-    }
+/// One worker's exit, as its watcher task reports it.
+#[derive(Debug)]
+struct ExitEvent {
+    index: usize,
+    ended: Ended,
 }
 
 /// One worker of an attempt, as the group sees it.
@@ -63,14 +59,41 @@ pub struct Worker {
     /// Its `TORCHELASTIC_ERROR_FILE`.
     pub error_file: PathBuf,
     /// How and when it ended, once it has.
-    pub exit: Option<(Exit, Instant, SystemTime)>,
+    pub ended: Option<Ended>,
+}
+
+impl Worker {
+    /// Its failure record, reading its error file, when it exited unsuccessfully; `seen` is
+    /// the order in which the launcher saw the exit.
+    pub fn failure(&self, seen: usize) -> Option<Failure> {
+        let ended = self.ended?;
+        if ended.exit.is_success() {
+            return None;
+        }
+        let error = error_file::read(&self.error_file);
+        Some(Failure {
+            rank: self.rank,
+            local_rank: self.local_rank,
+            pid: self.pid,
+            exit: ended.exit,
+            when: ended.wall,
+            error_file: error.is_some().then(|| self.error_file.clone()),
+            error,
+            seen,
+        })
+    }
+
+    /// It exited unsuccessfully.
+    pub fn failed(&self) -> bool {
+        self.ended.is_some_and(|e| !e.exit.is_success())
+    }
 }
 
 /// The workers of one attempt.
 #[derive(Debug)]
 pub struct WorkerGroup {
     workers: Vec<Worker>,
-    exits: mpsc::UnboundedReceiver<(usize, Exit, Instant, SystemTime)>,
+    exits: mpsc::UnboundedReceiver<ExitEvent>,
     forwarders: Vec<JoinHandle<()>>,
 }
 
@@ -127,7 +150,7 @@ impl WorkerGroup {
         (local_rank, restart_count): (u32, u32),
         attempt_dir: &Path,
         duplicates: &[Option<Duplicate>; 2],
-        tx: &mpsc::UnboundedSender<(usize, Exit, Instant, SystemTime)>,
+        tx: &mpsc::UnboundedSender<ExitEvent>,
     ) -> io::Result<()> {
         let [stdout_log, stderr_log, error_file] = worker_files(attempt_dir, local_rank);
         let env = worker::worker_env(config, boot, local_rank, restart_count, &error_file);
@@ -201,10 +224,15 @@ impl WorkerGroup {
         let tx = tx.clone();
         tokio::spawn(async move {
             let exit = match child.wait().await {
-                Ok(status) => Exit::from_status(status),
+                Ok(status) => Exit::from(status),
                 Err(_) => Exit::Code(-1),
             };
-            let _ = tx.send((index, exit, Instant::now(), SystemTime::now()));
+            let ended = Ended {
+                exit,
+                at: Instant::now(),
+                wall: SystemTime::now(),
+            };
+            let _ = tx.send(ExitEvent { index, ended });
         });
         self.workers.push(Worker {
             local_rank,
@@ -212,7 +240,7 @@ impl WorkerGroup {
             pid,
             started: Instant::now(),
             error_file,
-            exit: None,
+            ended: None,
         });
         Ok(())
     }
@@ -224,11 +252,11 @@ impl WorkerGroup {
 
     /// Waits for the next worker to exit; `None` once every worker has exited.
     pub async fn next_exit(&mut self) -> Option<&Worker> {
-        if self.workers.iter().all(|w| w.exit.is_some()) {
+        if self.workers.iter().all(|w| w.ended.is_some()) {
             return None;
         }
-        let (index, exit, at, wall) = self.exits.recv().await?;
-        self.workers[index].exit = Some((exit, at, wall));
+        let ExitEvent { index, ended } = self.exits.recv().await?;
+        self.workers[index].ended = Some(ended);
         Some(&self.workers[index])
     }
 
@@ -279,10 +307,12 @@ impl WorkerGroup {
         let mut marked: Option<Vec<(i32, i32)>> = None;
         for w in self.workers.iter().filter(|w| w.pid != 0) {
             let pgid = w.pid as i32;
-            let ours = w.exit.is_none()
+            let ours = w.ended.is_none()
                 || marked
                     .get_or_insert_with(|| {
-                        crate::descendants::find(crate::descendants::mark_value())
+                        crate::supervision::descendants::find(
+                            crate::supervision::descendants::mark_value(),
+                        )
                     })
                     .iter()
                     .any(|&(_, g)| g == pgid);

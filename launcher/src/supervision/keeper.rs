@@ -5,7 +5,7 @@
 //! worker's `sleep 1000 &` or data-loader processes would be orphaned to init and run on.
 //! The keeper waits on a pipe from the launcher; when the pipe closes without the launcher
 //! having said goodbye (it was killed), the keeper SIGKILLs every process carrying the
-//! launcher's mark ([`crate::descendants`]) — in its process groups or not — and exits.
+//! launcher's mark ([`crate::supervision::descendants`]) — in its process groups or not — and exits.
 //!
 //! # Why not a cgroup or a subreaper
 //! A cgroup of the launcher's own (`cgroup.kill`) would catch even processes that drop the
@@ -81,7 +81,7 @@ fn keep(pipe: &OwnedFd, value: &str) -> ! {
         // The launcher is gone without a word: the workers die by PDEATHSIG; kill what they
         // started, twice, in case some forked while the first sweep ran.
         for _ in 0..2 {
-            crate::descendants::kill_all(value);
+            crate::supervision::descendants::kill_all(value);
         }
     }
     std::process::exit(0)

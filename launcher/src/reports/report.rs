@@ -5,10 +5,9 @@ use std::fmt::Write;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use nix::sys::signal::Signal;
-
-use crate::error_file::{self, ErrorReport};
-use crate::group::{Exit, Worker};
+use crate::reports::error_file::ErrorReport;
+pub use crate::reports::exit::signal_name;
+use crate::reports::exit::Exit;
 
 /// One failed worker.
 #[derive(Debug, Clone)]
@@ -32,31 +31,9 @@ pub struct Failure {
 }
 
 impl Failure {
-    /// Builds the failure record of a worker that exited unsuccessfully, reading its error file.
-    pub fn of(worker: &Worker, seen: usize) -> Option<Self> {
-        let (exit, _, when) = worker.exit?;
-        if exit.is_success() {
-            return None;
-        }
-        let error = error_file::read(&worker.error_file);
-        Some(Self {
-            rank: worker.rank,
-            local_rank: worker.local_rank,
-            pid: worker.pid,
-            exit,
-            when,
-            error_file: error.is_some().then(|| worker.error_file.clone()),
-            error,
-            seen,
-        })
-    }
-
     /// The exit code a shell would show: the code, or 128 + signal.
     pub fn shell_code(&self) -> i32 {
-        match self.exit {
-            Exit::Code(c) => c,
-            Exit::Signal(s) => 128 + s,
-        }
+        self.exit.shell_code()
     }
 
     /// The time that orders failures: the error file's timestamp (when the exception was
@@ -78,11 +55,6 @@ impl Failure {
 /// The root cause: the first failure by timestamp, then by the order the launcher saw exits.
 pub fn root_cause(failures: &[Failure]) -> Option<&Failure> {
     failures.iter().min_by_key(|f| f.order_key())
-}
-
-/// The name of a signal number, e.g. `SIGKILL`.
-pub fn signal_name(signal: i32) -> String {
-    Signal::try_from(signal).map_or_else(|_| format!("signal {signal}"), |s| s.as_str().to_owned())
 }
 
 fn exit_text(exit: Exit) -> String {

@@ -118,7 +118,7 @@ impl Peers {
     /// [`RendezvousError`] naming what is wrong.
     pub async fn join(spec: StaticSpec) -> Result<Self, RendezvousError> {
         let server = if spec.node_rank == 0 {
-            Some(crate::store_bind::bind_store(
+            Some(crate::rendezvous::store_bind::bind_store(
                 &spec.master_addr,
                 spec.master_port,
             )?)

@@ -18,13 +18,14 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::LaunchConfig;
-use crate::group::{Exit, WorkerGroup};
-use crate::logs::LogLayout;
-use crate::netif;
-use crate::rendezvous::{Peers, RemoteFailure, RendezvousError, StaticSpec};
-use crate::report::{self, Failure, SummaryRow};
-use crate::worker::Bootstrap;
+use crate::configuration::config::LaunchConfig;
+use crate::rendezvous::agent_store::{Peers, RemoteFailure, RendezvousError, StaticSpec};
+use crate::rendezvous::netif;
+use crate::reports::logs::LogLayout;
+use crate::reports::report::{self, Failure, SummaryRow};
+use crate::supervision::decision::{self, AttemptEnd, Budget, Next, Verdict};
+use crate::supervision::group::WorkerGroup;
+use crate::supervision::worker::Bootstrap;
 
 /// How long worker output may stay open after the workers have exited (a grandchild may hold
 /// the pipe); past it, the launcher stops waiting for that output.
@@ -116,7 +117,7 @@ pub async fn run(config: &LaunchConfig) -> Result<RunResult, AgentError> {
         None => {
             // The agent hosts the store the workers bootstrap through (TORCHELASTIC_USE_AGENT_STORE):
             // bound here and kept, so no other process can take MASTER_PORT before the workers use it.
-            let store = crate::store_bind::bind_store(
+            let store = crate::rendezvous::store_bind::bind_store(
                 &config.master_addr,
                 config.master_port.unwrap_or(0),
             )?;
@@ -187,8 +188,8 @@ async fn attempts(
                     None => break Event::AllSucceeded,
                     Some(worker) => {
                         exit_order.push(worker.local_rank);
-                        if worker.exit.is_some_and(|(e, _, _)| !e.is_success()) {
-                            if let (Topology::Multi(peers), Some(failure)) = (&mut *topology, Failure::of(worker, 0)) {
+                        if worker.failed() {
+                            if let (Topology::Multi(peers), Some(failure)) = (&mut *topology, worker.failure(0)) {
                                 let summary = describe(&failure, boot.assignment.group_rank);
                                 if let Err(e) = peers.publish_failure(restart_count, &summary).await {
                                     tracing::warn!("cannot tell the other nodes about the failure: {e}");
@@ -251,19 +252,23 @@ async fn attempts(
             restarts: restart_count,
             log_dir: layout.run_dir().to_path_buf(),
         };
-        if let Some(sig) = escalated {
-            return Ok(result(Outcome::Signaled(sig)));
+        let end = AttemptEnd {
+            signal: escalated,
+            local_failure: !failures.is_empty(),
+            remote_failure: remote.clone(),
+            membership: None,
+        };
+        let budget = Budget {
+            restarts_done: restart_count,
+            max_restarts: config.max_restarts,
+            min_nodes: 1,
+        };
+        match decision::next(&end, budget) {
+            Next::Stop(verdict) => return Ok(result(outcome(verdict, failures))),
+            Next::Restart { counted: true } => restart_count += 1,
+            // Membership changes need the elastic rendezvous; a static job has none.
+            Next::Restart { counted: false } => {}
         }
-        if failures.is_empty() && remote.is_none() {
-            return Ok(result(Outcome::Succeeded));
-        }
-        if restart_count >= config.max_restarts {
-            return Ok(result(match remote {
-                Some(summary) if failures.is_empty() => Outcome::FailedElsewhere(summary),
-                _ => Outcome::Failed(failures),
-            }));
-        }
-        restart_count += 1;
         let cause = match (report::root_cause(&failures), remote) {
             (Some(root), _) => describe(root, boot.assignment.group_rank),
             (None, Some(summary)) => summary,
@@ -273,6 +278,24 @@ async fn attempts(
             "worker group failed: {cause}; restarting it ({restart_count}/{} restarts)",
             config.max_restarts
         );
+    }
+}
+
+/// The run's outcome for `verdict`; `failures` are this node's, from the last attempt.
+fn outcome(verdict: Verdict, failures: Vec<Failure>) -> Outcome {
+    match verdict {
+        Verdict::Succeeded => Outcome::Succeeded,
+        Verdict::Failed => Outcome::Failed(failures),
+        Verdict::FailedElsewhere(summary) => Outcome::FailedElsewhere(summary),
+        Verdict::Signaled(sig) => Outcome::Signaled(sig),
+        Verdict::NodesLost {
+            nodes,
+            remaining,
+            min_nodes,
+        } => Outcome::FailedElsewhere(format!(
+            "lost node(s) {}: {remaining} node(s) remain, fewer than the --nnodes minimum {min_nodes}",
+            nodes.join(", ")
+        )),
     }
 }
 
@@ -302,7 +325,7 @@ fn describe(f: &Failure, node_rank: u32) -> String {
         f.rank,
         f.local_rank,
         f.pid,
-        exit_words(f.exit)
+        f.exit.words()
     )
 }
 
@@ -334,25 +357,18 @@ fn socket_ifnames(spec: &StaticSpec, local_addr: Option<&str>) -> Vec<(String, S
         .collect()
 }
 
-fn exit_words(exit: Exit) -> String {
-    match exit {
-        Exit::Code(c) => format!("code {c}"),
-        Exit::Signal(s) => report::signal_name(s),
-    }
-}
-
 /// Failures the workers had on their own, before the launcher began to stop the group.
 fn failures_before(group: &WorkerGroup, exit_order: &[u32], stop_started: Instant) -> Vec<Failure> {
     group
         .workers()
         .iter()
-        .filter(|w| w.exit.is_some_and(|(_, at, _)| at <= stop_started))
+        .filter(|w| w.ended.is_some_and(|e| e.at <= stop_started))
         .filter_map(|w| {
             let seen = exit_order
                 .iter()
                 .position(|&r| r == w.local_rank)
                 .unwrap_or(usize::MAX);
-            Failure::of(w, seen)
+            w.failure(seen)
         })
         .collect()
 }
@@ -366,13 +382,12 @@ fn summary_rows(group: &WorkerGroup, stop_started: Instant, restarts: u32) -> Ve
             local_rank: w.local_rank,
             pid: w.pid,
             outcome: report::outcome_text(
-                w.exit.map(|e| e.0),
-                w.exit.is_some_and(|(_, at, _)| at > stop_started),
+                w.ended.map(|e| e.exit),
+                w.ended.is_some_and(|e| e.at > stop_started),
             ),
-            duration: w.exit.map_or_else(
-                || w.started.elapsed(),
-                |(_, at, _)| at.duration_since(w.started),
-            ),
+            duration: w
+                .ended
+                .map_or_else(|| w.started.elapsed(), |e| e.at.duration_since(w.started)),
             restarts,
         })
         .collect()

@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::cli::{Args, Flavor};
-use crate::entrypoint::build_command;
-use crate::flags::{
+use crate::configuration::cli::{Args, Flavor};
+use crate::configuration::entrypoint::build_command;
+use crate::configuration::flags::{
     check_rdzv_conf, comma_separated, parse_endpoint, parse_nnodes, parse_rdzv_conf, parse_signals,
     seconds,
 };
-use crate::logs::{parse_ranks_filter, LogSpecError, StdSpec};
-use crate::nproc::{self, Devices, NprocError};
-use crate::rendezvous::StaticSpec;
+use crate::configuration::nproc::{self, Devices, NprocError};
+use crate::rendezvous::agent_store::StaticSpec;
+use crate::reports::logs::{parse_ranks_filter, LogSpecError, StdSpec};
 
 /// A launch configuration that cannot work, said in the user's terms.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +93,7 @@ pub enum ConfigError {
     },
 }
 
-/// How worker output is routed (see [`crate::logs`]).
+/// How worker output is routed (see [`crate::reports::logs`]).
 #[derive(Debug, Clone)]
 pub struct OutputConfig {
     /// Streams that go to log files only.
@@ -381,7 +381,7 @@ mod tests {
         };
         let mut full = vec!["ferrun"];
         full.extend_from_slice(argv);
-        let (flavor, args) = crate::cli::parse(full)
+        let (flavor, args) = crate::configuration::cli::parse(full)
             .map_err(|e| panic!("{e}"))
             .expect("parse");
         LaunchConfig::from_args(flavor, &args, &env)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::config::ConfigError;
+use crate::configuration::config::ConfigError;
 
 /// Parses `--nnodes`: `N` or `MIN:MAX`.
 ///

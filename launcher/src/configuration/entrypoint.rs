@@ -4,8 +4,11 @@
 
 use std::ffi::OsString;
 
-use crate::cli::{Args, Flavor};
-use crate::config::{is_executable, ConfigError, Environment};
+use crate::configuration::cli::{Args, Flavor};
+use crate::configuration::config::{is_executable, ConfigError, Environment};
+
+/// Replaced by the worker's local rank in the script's arguments (torchrun's macro).
+pub const LOCAL_RANK_MACRO: &str = "${local_rank}";
 
 /// The worker command line (torchrun's `config_from_args`), and the script's name.
 pub(crate) fn build_command(
@@ -51,7 +54,7 @@ pub(crate) fn build_command(
     }
     // torch.distributed.launch puts --local-rank before the script's own arguments.
     if flavor == Flavor::LegacyLaunch && !args.use_env {
-        command.push(format!("--local-rank={}", crate::worker::LOCAL_RANK_MACRO));
+        command.push(format!("--local-rank={}", LOCAL_RANK_MACRO));
     }
     let mut command: Vec<OsString> = command.into_iter().map(OsString::from).collect();
     command.extend(args.training_script_args().iter().cloned());

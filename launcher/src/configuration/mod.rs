@@ -1,0 +1,13 @@
+//! The command line, checked and resolved before any process starts.
+//!
+//! - [`cli`]: torchrun's flags (both spellings, `PET_*` defaults, the legacy `launch` form).
+//! - [`config`]: flags checked and resolved into a [`config::LaunchConfig`].
+//! - [`flags`]: parsers for flag values (`--nnodes`, endpoints, `--rdzv-conf`, signals).
+//! - [`entrypoint`]: the worker's command line (`python -u`, `-m`, `--no-python`, `--run-path`).
+//! - [`nproc`]: `--nproc-per-node` as an integer, `cpu`, `gpu` or `auto`.
+
+pub mod cli;
+pub mod config;
+pub mod entrypoint;
+pub mod flags;
+pub mod nproc;

@@ -1,0 +1,15 @@
+//! Running the workers: the agent loop, its decisions, the group, one worker.
+//!
+//! - [`agent`]: the supervision loop: attempts, signals, the exit barrier.
+//! - [`decision`]: what the agent does next after an attempt ends, as a pure function.
+//! - [`group`]: the workers of an attempt: exit events, stop with grace then SIGKILL.
+//! - [`worker`]: one worker process: its environment and its binding to the launcher's life.
+//! - [`descendants`]: finding every process the workers started, by a mark in their env.
+//! - [`keeper`]: the process that kills what a SIGKILLed launcher left running.
+
+pub mod agent;
+pub mod decision;
+pub mod descendants;
+pub mod group;
+pub mod keeper;
+pub mod worker;
