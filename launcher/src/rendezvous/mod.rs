@@ -10,4 +10,5 @@
 pub mod agent_store;
 pub mod netif;
 pub mod round;
+pub mod service;
 pub mod store_bind;

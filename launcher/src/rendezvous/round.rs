@@ -45,11 +45,13 @@ enum Phase {
         since: Option<Duration>,
         last_call_at: Option<Duration>,
     },
-    /// Node ids in rank order, and each node's base global rank.
+    /// Node ids in rank order; each node's rank and the global rank of its local rank 0.
     Complete {
         ranks: Vec<NodeId>,
-        base_ranks: Vec<u32>,
+        places: BTreeMap<NodeId, (u32, u32)>,
+        world_size: u32,
     },
+    Finished,
     Closed(String),
     TimedOut(Vec<NodeId>),
 }
@@ -68,6 +70,8 @@ pub struct Rendezvous {
     restart_count: u32,
     phase: Phase,
     participants: BTreeSet<NodeId>,
+    /// Participants of the completed round whose workers finished it.
+    finished: BTreeSet<NodeId>,
     /// Arrival order.
     waiting: Vec<NodeId>,
     members: BTreeMap<NodeId, Member>,
@@ -96,6 +100,7 @@ impl Rendezvous {
                 last_call_at: None,
             },
             participants: BTreeSet::new(),
+            finished: BTreeSet::new(),
             waiting: Vec::new(),
             members: BTreeMap::new(),
             previous_ranks: BTreeMap::new(),
@@ -207,6 +212,26 @@ impl Rendezvous {
         Ok(())
     }
 
+    /// `id`'s workers finished `round` successfully; when every participant has, the job is
+    /// done ([`Standing::Finished`]). A call for another round is a no-op.
+    ///
+    /// # Errors
+    /// The rendezvous is over, or `id` is not a participant of the running round.
+    pub fn finish(&mut self, now: Duration, id: &NodeId, round: u64) -> Result<(), RoundError> {
+        self.heartbeat(now, id)?;
+        if round != self.round || !matches!(self.phase, Phase::Complete { .. }) {
+            return Ok(());
+        }
+        if !self.participants.contains(id) {
+            return Err(RoundError::NotParticipant(id.clone()));
+        }
+        if self.finished.insert(id.clone()) && self.finished.len() == self.participants.len() {
+            self.phase = Phase::Finished;
+            self.revision += 1;
+        }
+        Ok(())
+    }
+
     /// `id` leaves; if it took part in the running round, that round ends. Leaving twice, or
     /// after the rendezvous is over, is a no-op.
     pub fn leave(&mut self, now: Duration, id: &NodeId) {
@@ -307,6 +332,7 @@ impl Rendezvous {
     /// What `id` should know now.
     pub fn view(&self, id: &NodeId) -> View {
         let standing = match &self.phase {
+            Phase::Finished => Standing::Finished,
             Phase::Closed(reason) => Standing::Closed {
                 reason: reason.clone(),
             },
@@ -318,7 +344,11 @@ impl Rendezvous {
             Phase::Gathering { .. } => Standing::Gathering {
                 joined: len_u32(self.participants.len()),
             },
-            Phase::Complete { ranks, base_ranks } => self.placement(id, ranks, base_ranks),
+            Phase::Complete {
+                ranks,
+                places,
+                world_size,
+            } => self.placement(id, ranks, places, *world_size),
         };
         View {
             round: self.round,
@@ -334,19 +364,21 @@ impl Rendezvous {
         self.open().err()
     }
 
-    fn placement(&self, id: &NodeId, ranks: &[NodeId], base_ranks: &[u32]) -> Standing {
-        let Some(node_rank) = ranks.iter().position(|r| r == id) else {
+    fn placement(
+        &self,
+        id: &NodeId,
+        ranks: &[NodeId],
+        places: &BTreeMap<NodeId, (u32, u32)>,
+        world_size: u32,
+    ) -> Standing {
+        let Some(&(node_rank, base_rank)) = places.get(id) else {
             return Standing::Unknown;
         };
         let master = ranks.first().and_then(|m| self.members.get(m));
-        let world_size = ranks
-            .iter()
-            .filter_map(|r| self.members.get(r))
-            .fold(0u32, |sum, m| sum.saturating_add(m.desc.nproc));
         Standing::Assigned(Placement {
-            node_rank: len_u32(node_rank),
+            node_rank,
             nnodes: len_u32(ranks.len()),
-            base_rank: base_ranks.get(node_rank).copied().unwrap_or(0),
+            base_rank,
             world_size,
             master_addr: master.map(|m| m.desc.addr.clone()).unwrap_or_default(),
             master_port: master.map_or(0, |m| m.desc.store_port),
@@ -355,6 +387,7 @@ impl Rendezvous {
 
     fn open(&self) -> Result<(), RoundError> {
         match &self.phase {
+            Phase::Finished => Err(RoundError::Finished),
             Phase::Closed(reason) => Err(RoundError::Closed(reason.clone())),
             Phase::TimedOut(joined) => Err(RoundError::TimedOut {
                 joined: len_u32(joined.len()),
@@ -415,6 +448,7 @@ impl Rendezvous {
             self.restart_count = self.restart_count.saturating_add(1);
         }
         self.last_end = Some(end);
+        self.finished.clear();
         self.revision += 1;
         let room = (self.settings.max_nodes as usize).saturating_sub(self.participants.len());
         let carried = room.min(self.waiting.len());
@@ -432,15 +466,16 @@ impl Rendezvous {
     fn complete(&mut self) {
         let ranks = assign_ranks(&self.participants, &self.previous_ranks);
         let mut base = 0u32;
-        let base_ranks = ranks
-            .iter()
-            .map(|id| {
-                let at = base;
-                base = base.saturating_add(self.members.get(id).map_or(0, |m| m.desc.nproc));
-                at
-            })
-            .collect();
-        self.phase = Phase::Complete { ranks, base_ranks };
+        let mut places = BTreeMap::new();
+        for (rank, id) in (0u32..).zip(&ranks) {
+            places.insert(id.clone(), (rank, base));
+            base = base.saturating_add(self.members.get(id).map_or(0, |m| m.desc.nproc));
+        }
+        self.phase = Phase::Complete {
+            ranks,
+            places,
+            world_size: base,
+        };
         self.revision += 1;
     }
 }

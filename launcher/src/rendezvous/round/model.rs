@@ -102,6 +102,8 @@ pub enum Standing {
     Waiting,
     /// Not a member: never joined, left, or dropped for silence (it may join again).
     Unknown,
+    /// Every node of the completed round finished it successfully: the job is done.
+    Finished,
     /// The rendezvous is over.
     Closed {
         /// Why, as the closing node said.
@@ -129,12 +131,27 @@ pub struct View {
     pub waiting: u32,
 }
 
+impl View {
+    /// The rendezvous is over for this node: finished, closed or timed out.
+    pub fn is_over(&self) -> bool {
+        matches!(
+            self.standing,
+            Standing::Finished | Standing::Closed { .. } | Standing::TimedOut { .. }
+        )
+    }
+}
+
 /// A call that cannot apply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RoundError {
     /// The rendezvous was closed.
     #[error("the rendezvous is closed: {0}")]
     Closed(String),
+    /// Every node finished: the job is done.
+    #[error(
+        "the job's rendezvous is over: every node finished; start a new job with a new --rdzv-id"
+    )]
+    Finished,
     /// A round timed out; the rendezvous is over.
     #[error("the rendezvous timed out: {joined} of at least {min} nodes joined within the join timeout ({names}); start the missing nodes with the same --rdzv-endpoint and --rdzv-id, or raise --rdzv-conf join_timeout")]
     TimedOut {

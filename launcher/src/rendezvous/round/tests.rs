@@ -173,6 +173,22 @@ fn a_participant_leaving_ends_the_round_and_below_min_the_rest_wait_then_time_ou
 }
 
 #[test]
+fn the_job_is_done_when_every_node_of_the_round_finished_it() {
+    let mut r = Rendezvous::new(settings(2, 2));
+    r.join(Duration::ZERO, node("a", 1)).unwrap();
+    r.join(Duration::ZERO, node("b", 1)).unwrap();
+    r.finish(S, &id("a"), 0).unwrap();
+    r.finish(S, &id("a"), 0).unwrap();
+    assert!(matches!(r.view(&id("a")).standing, Standing::Assigned(_)));
+    // b's workers failed instead: the round restarts and a's finish no longer counts.
+    r.restart(S, &id("b"), 0, "exit 1").unwrap();
+    r.finish(2 * S, &id("a"), 1).unwrap();
+    r.finish(2 * S, &id("b"), 1).unwrap();
+    assert_eq!(r.view(&id("b")).standing, Standing::Finished);
+    assert_eq!(r.join(3 * S, node("c", 1)), Err(RoundError::Finished));
+}
+
+#[test]
 fn closing_ends_it_for_everyone_and_keeps_the_first_reason() {
     let mut r = Rendezvous::new(settings(1, 2));
     r.join(Duration::ZERO, node("a", 1)).unwrap();
@@ -239,6 +255,7 @@ enum Op {
     Heartbeat(usize),
     Leave(usize),
     Restart(usize, bool),
+    Finish(usize),
     Close,
     Advance(u64),
 }
@@ -249,6 +266,7 @@ fn op() -> impl Strategy<Value = Op> {
         8 => (0..7usize).prop_map(Op::Heartbeat),
         2 => (0..7usize).prop_map(Op::Leave),
         2 => (0..7usize, any::<bool>()).prop_map(|(n, current)| Op::Restart(n, current)),
+        2 => (0..7usize).prop_map(Op::Finish),
         1 => Just(Op::Close),
         6 => (0..25_000u64).prop_map(Op::Advance),
     ]
@@ -268,6 +286,12 @@ fn check(r: &Rendezvous, now: Duration, ticked: bool) -> Result<(), TestCaseErro
     let (min, max) = (min_nodes as usize, max_nodes as usize);
     prop_assert!(r.participants.len() <= max);
     prop_assert!(r.waiting.iter().all(|w| !r.participants.contains(w)));
+    prop_assert!(r.finished.is_subset(&r.participants));
+    let gathering = matches!(r.phase, Phase::Gathering { .. });
+    prop_assert!(
+        r.finished.is_empty() || !gathering,
+        "finished nodes in a gathering round"
+    );
     if r.open().is_ok() {
         let mut known: BTreeSet<&NodeId> = r.participants.iter().collect();
         known.extend(r.waiting.iter());
@@ -275,17 +299,23 @@ fn check(r: &Rendezvous, now: Duration, ticked: bool) -> Result<(), TestCaseErro
         prop_assert!(r.waiting.is_empty() || r.participants.len() == max);
     }
     match &r.phase {
-        Phase::Complete { ranks, base_ranks } => {
+        Phase::Complete {
+            ranks,
+            places,
+            world_size,
+        } => {
             prop_assert!((min..=max).contains(&ranks.len()));
             prop_assert_eq!(
                 ranks.iter().collect::<BTreeSet<_>>(),
                 r.participants.iter().collect()
             );
+            prop_assert_eq!(places.len(), ranks.len());
             let mut base = 0;
-            for (id, &b) in ranks.iter().zip(base_ranks) {
-                prop_assert_eq!(b, base);
+            for id in ranks {
+                prop_assert_eq!(places[id].1, base);
                 base += r.members[id].desc.nproc;
             }
+            prop_assert_eq!(*world_size, base);
             for (rank, id) in ranks.iter().enumerate() {
                 let Standing::Assigned(p) = r.view(id).standing else {
                     return Err(TestCaseError::fail(format!("{id} not assigned")));
@@ -311,7 +341,7 @@ fn check(r: &Rendezvous, now: Duration, ticked: bool) -> Result<(), TestCaseErro
                 );
             }
         }
-        Phase::Closed(_) | Phase::TimedOut(_) => {}
+        Phase::Finished | Phase::Closed(_) | Phase::TimedOut(_) => {}
     }
     if ticked && r.open().is_ok() {
         let timeout = r.settings.heartbeat_timeout;
@@ -368,6 +398,7 @@ proptest! {
                     let round = if current { r.round } else { r.round.saturating_sub(1) };
                     let _ = r.restart(now, &ids[n], round, "worker failed");
                 }
+                Op::Finish(n) => { let _ = r.finish(now, &ids[n], r.round); }
                 Op::Close => r.close("closed by the test"),
                 Op::Advance(ms) => {
                     now += Duration::from_millis(ms);
