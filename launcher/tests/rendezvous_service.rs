@@ -74,11 +74,15 @@ async fn three_nodes_join_learn_their_ranks_and_a_silent_one_is_dropped_at_once(
         .map(|n| client(&service, None, n))
         .collect();
     let mut watches = Vec::new();
-    let mut beats = Vec::new();
+    let mut tasks = Vec::new();
     for c in &nodes {
         c.join(2, 3, deadline).await.expect("join");
-        watches.push(c.watch().await.expect("watch").0);
-        beats.push(c.heartbeats(Duration::from_millis(200)));
+        let (views, [watcher, beats]) = c
+            .watch(Duration::from_millis(200), BOUND)
+            .await
+            .expect("watch");
+        watches.push(views);
+        tasks.push((watcher, beats));
     }
     for (rank, views) in watches.iter_mut().enumerate() {
         let view = until(views, |v| assigned(v).is_some()).await;
@@ -90,7 +94,7 @@ async fn three_nodes_join_learn_their_ranks_and_a_silent_one_is_dropped_at_once(
         assert_eq!((p.world_size, p.master_addr.as_str()), (6, "a.test"));
     }
     // c's agent goes silent (its heartbeats stop; no Leave): a and b get round 1 without it.
-    beats[2].abort();
+    tasks[2].1.abort();
     let silent_at = Instant::now();
     for views in &mut watches[..2] {
         let view = until(views, |v| v.round == 1 && assigned(v).is_some()).await;
@@ -199,7 +203,7 @@ async fn malformed_calls_and_garbage_bytes_get_errors_and_the_service_keeps_serv
     let view = fine.join(1, 1, deadline).await.expect("still serving");
     assert_eq!(assigned(&view), Some((0, 1, 0)));
     fine = client(&service, None, "fine");
-    let (mut views, _) = fine.watch().await.expect("watch");
+    let (mut views, _) = fine.watch(BOUND, BOUND).await.expect("watch");
     assert!(until(&mut views, |v| assigned(v).is_some()).await.round == 0);
 }
 

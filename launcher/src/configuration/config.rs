@@ -10,6 +10,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use crate::configuration::cli::{Args, Flavor};
+use crate::configuration::elastic_conf::elastic_spec;
 use crate::configuration::entrypoint::build_command;
 use crate::configuration::flags::{
     check_rdzv_conf, comma_separated, parse_endpoint, parse_nnodes, parse_rdzv_conf, parse_signals,
@@ -17,6 +18,7 @@ use crate::configuration::flags::{
 };
 use crate::configuration::nproc::{self, Devices, NprocError};
 use crate::rendezvous::agent_store::StaticSpec;
+use crate::rendezvous::elastic::ElasticSpec;
 use crate::reports::logs::{parse_ranks_filter, LogSpecError, StdSpec};
 
 /// A launch configuration that cannot work, said in the user's terms.
@@ -26,7 +28,7 @@ pub enum ConfigError {
     #[error("--nnodes {0:?} is not valid: use N or MIN:MAX with 0 < MIN <= MAX (e.g. 2 or 1:4)")]
     Nnodes(String),
     /// A multi-node launch ferrun cannot do yet.
-    #[error("--nnodes {nnodes} with {what}: ferrun's multi-node rendezvous is static so far; use --rdzv-backend static (the default) with --nnodes N, --node-rank, --master-addr and --master-port")]
+    #[error("--nnodes {nnodes} with {what}")]
     MultiNode {
         /// `--nnodes` as given.
         nnodes: String,
@@ -127,6 +129,8 @@ pub struct LaunchConfig {
     pub max_restarts: u32,
     /// Several nodes: the static rendezvous; `None` for a single node.
     pub nodes: Option<StaticSpec>,
+    /// Several nodes: the elastic rendezvous (`--nnodes MIN:MAX`, c10d).
+    pub elastic: Option<ElasticSpec>,
     /// `--local-addr`.
     pub local_addr: Option<String>,
     /// `MASTER_ADDR` for the workers.
@@ -210,16 +214,8 @@ impl LaunchConfig {
             nnodes: args.nnodes.clone(),
             what,
         };
-        if max_nodes > 1 && min_nodes != max_nodes {
-            return Err(multi_node(
-                "an elastic range (needs the c10d rendezvous)".into(),
-            ));
-        }
         if max_nodes > 1 && args.standalone {
             return Err(multi_node("--standalone (a single-node mode)".into()));
-        }
-        if max_nodes > 1 && args.rdzv_backend != "static" {
-            return Err(multi_node(format!("--rdzv-backend {}", args.rdzv_backend)));
         }
         if args.node_rank >= max_nodes {
             return Err(ConfigError::NodeRank {
@@ -280,7 +276,14 @@ impl LaunchConfig {
             Some(v) => seconds("--rdzv-conf exit_barrier_timeout", v)?,
             None => Duration::from_secs(300),
         };
-        let nodes = if max_nodes > 1 {
+        let elastic = elastic_spec(
+            args,
+            &rdzv_conf,
+            (min_nodes, max_nodes),
+            local_world_size,
+            env,
+        )?;
+        let nodes = if max_nodes > 1 && elastic.is_none() {
             Some(StaticSpec {
                 nnodes: max_nodes,
                 node_rank: args.node_rank,
@@ -319,6 +322,7 @@ impl LaunchConfig {
             run_id,
             max_restarts: args.max_restarts,
             nodes,
+            elastic,
             local_addr: args.local_addr.clone(),
             master_addr,
             master_port,
@@ -457,14 +461,71 @@ mod tests {
             ),
             (&["--nnodes", "1:2:3", "train.py"], "--nnodes"),
             (&["--nnodes", "0", "train.py"], "--nnodes"),
-            (&["--nnodes", "1:2", "train.py"], "elastic range"),
+            (
+                &["--nnodes", "1:2", "train.py"],
+                "an elastic range needs --rdzv-backend c10d",
+            ),
             (
                 &["--nnodes", "2", "--standalone", "train.py"],
                 "--standalone",
             ),
             (
                 &["--nnodes", "2", "--rdzv-backend", "c10d", "train.py"],
-                "--rdzv-backend c10d",
+                "needs --rdzv-endpoint host:port",
+            ),
+            (
+                &[
+                    "--nnodes",
+                    "1:2",
+                    "--rdzv-backend",
+                    "etcd",
+                    "--rdzv-endpoint",
+                    "h:1",
+                    "train.py",
+                ],
+                "the etcd backend",
+            ),
+            (
+                &[
+                    "--nnodes",
+                    "1:2",
+                    "--rdzv-backend",
+                    "c10d",
+                    "--rdzv-endpoint",
+                    "h:1",
+                    "--rdzv-conf",
+                    "token=abc",
+                    "train.py",
+                ],
+                "token must be 16 to 4096",
+            ),
+            (
+                &[
+                    "--nnodes",
+                    "1:2",
+                    "--rdzv-backend",
+                    "c10d",
+                    "--rdzv-endpoint",
+                    "h:1",
+                    "--rdzv-id",
+                    "a/b",
+                    "train.py",
+                ],
+                "--rdzv-id \"a/b\"",
+            ),
+            (
+                &[
+                    "--nnodes",
+                    "1:2",
+                    "--rdzv-backend",
+                    "c10d",
+                    "--rdzv-endpoint",
+                    "h:1",
+                    "--rdzv-conf",
+                    "keep_alive_max_attempt=0",
+                    "train.py",
+                ],
+                "keep_alive_max_attempt=0",
             ),
             (
                 &["--nnodes", "2", "--node-rank", "2", "train.py"],

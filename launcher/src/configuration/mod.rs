@@ -2,12 +2,14 @@
 //!
 //! - [`cli`]: torchrun's flags (both spellings, `PET_*` defaults, the legacy `launch` form).
 //! - [`config`]: flags checked and resolved into a [`config::LaunchConfig`].
+//! - [`elastic_conf`]: `--nnodes MIN:MAX` with c10d resolved into an elastic rendezvous.
 //! - [`flags`]: parsers for flag values (`--nnodes`, endpoints, `--rdzv-conf`, signals).
 //! - [`entrypoint`]: the worker's command line (`python -u`, `-m`, `--no-python`, `--run-path`).
 //! - [`nproc`]: `--nproc-per-node` as an integer, `cpu`, `gpu` or `auto`.
 
 pub mod cli;
 pub mod config;
+pub mod elastic_conf;
 pub mod entrypoint;
 pub mod flags;
 pub mod nproc;

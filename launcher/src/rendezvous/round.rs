@@ -72,6 +72,8 @@ pub struct Rendezvous {
     participants: BTreeSet<NodeId>,
     /// Participants of the completed round whose workers finished it.
     finished: BTreeSet<NodeId>,
+    /// Participants of the completed round ready to start its workers.
+    ready: BTreeSet<NodeId>,
     /// Arrival order.
     waiting: Vec<NodeId>,
     members: BTreeMap<NodeId, Member>,
@@ -101,6 +103,7 @@ impl Rendezvous {
             },
             participants: BTreeSet::new(),
             finished: BTreeSet::new(),
+            ready: BTreeSet::new(),
             waiting: Vec::new(),
             members: BTreeMap::new(),
             previous_ranks: BTreeMap::new(),
@@ -209,6 +212,27 @@ impl Rendezvous {
                 cause: cause.to_owned(),
             },
         );
+        Ok(())
+    }
+
+    /// `id` has stopped the workers of earlier rounds (node 0: and cleared its store) and is
+    /// ready to start `round`'s; when every participant is, the round's placements say so
+    /// ([`Placement::all_ready`]) and the workers start everywhere. A call for another round
+    /// is a no-op.
+    ///
+    /// # Errors
+    /// The rendezvous is over, or `id` is not a participant of the running round.
+    pub fn ready(&mut self, now: Duration, id: &NodeId, round: u64) -> Result<(), RoundError> {
+        self.heartbeat(now, id)?;
+        if round != self.round || !matches!(self.phase, Phase::Complete { .. }) {
+            return Ok(());
+        }
+        if !self.participants.contains(id) {
+            return Err(RoundError::NotParticipant(id.clone()));
+        }
+        if self.ready.insert(id.clone()) && self.ready.len() == self.participants.len() {
+            self.revision += 1;
+        }
         Ok(())
     }
 
@@ -382,6 +406,7 @@ impl Rendezvous {
             world_size,
             master_addr: master.map(|m| m.desc.addr.clone()).unwrap_or_default(),
             master_port: master.map_or(0, |m| m.desc.store_port),
+            all_ready: self.ready.len() == ranks.len(),
         })
     }
 
@@ -449,6 +474,7 @@ impl Rendezvous {
         }
         self.last_end = Some(end);
         self.finished.clear();
+        self.ready.clear();
         self.revision += 1;
         let room = (self.settings.max_nodes as usize).saturating_sub(self.participants.len());
         let carried = room.min(self.waiting.len());

@@ -78,6 +78,8 @@ struct Shared {
     settings: Settings,
     runs: Mutex<HashMap<String, Run>>,
     wake: Notify,
+    /// A watch stream ended.
+    watch_ended: Notify,
 }
 
 impl Shared {
@@ -146,11 +148,11 @@ fn make_room(runs: &mut HashMap<String, Run>) -> Result<(), Status> {
 }
 
 /// A running rendezvous service; dropping it stops it.
-#[derive(Debug)]
 pub struct RendezvousService {
     addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
 }
 
 impl RendezvousService {
@@ -174,6 +176,7 @@ impl RendezvousService {
             settings,
             runs: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            watch_ended: Notify::new(),
         });
         let service = proto::rendezvous_server::RendezvousServer::new(Handler {
             shared: shared.clone(),
@@ -196,17 +199,48 @@ impl RendezvousService {
                 tracing::error!("the rendezvous service stopped: {e}");
             }
         });
-        let ticker = tokio::spawn(tick(shared));
+        let ticker = tokio::spawn(tick(shared.clone()));
         Ok(Self {
             addr,
             shutdown: Some(tx),
             tasks: vec![server, ticker],
+            shared,
         })
     }
 
     /// Where it listens.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Waits until no node watches any run any more (they have read how it ended), at most
+    /// `bound`.
+    pub async fn wait_idle(&self, bound: Duration) {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let gone = self.shared.watch_ended.notified();
+            let watching: usize = self
+                .shared
+                .runs()
+                .values()
+                .map(|run| run.revision.receiver_count())
+                .sum();
+            if watching == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, gone).await.is_err() {
+                tracing::debug!("{watching} watch(es) still open; the service stops anyway");
+                return;
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for RendezvousService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RendezvousService")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -295,13 +329,11 @@ impl proto::rendezvous_server::Rendezvous for Handler {
             .map(|run| run.revision.subscribe())
             .ok_or_else(|| no_run(&request.run_id))?;
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(push_views(
-            self.shared.clone(),
-            request.run_id,
-            id,
-            revisions,
-            tx,
-        ));
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            push_views(&shared, &request.run_id, &id, revisions, tx).await;
+            shared.watch_ended.notify_waiters();
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -325,6 +357,18 @@ impl proto::rendezvous_server::Rendezvous for Handler {
         let cause = wire::text("cause", &request.cause)?;
         self.shared.apply(&request.run_id, false, |r, now| {
             r.restart(now, &id, request.round, cause)
+        })?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn ready(
+        &self,
+        request: Request<proto::RoundRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let request = request.into_inner();
+        let id = node_id(&request.node_id)?;
+        self.shared.apply(&request.run_id, false, |r, now| {
+            r.ready(now, &id, request.round)
         })?;
         Ok(Response::new(proto::Empty {}))
     }
@@ -373,16 +417,16 @@ impl proto::rendezvous_server::Rendezvous for Handler {
 /// Sends `id` its view now and after every change, until the rendezvous is over or the node
 /// hangs up.
 async fn push_views(
-    shared: Arc<Shared>,
-    run_id: String,
-    id: NodeId,
+    shared: &Shared,
+    run_id: &str,
+    id: &NodeId,
     mut revisions: watch::Receiver<u64>,
     tx: mpsc::Sender<Result<proto::View, Status>>,
 ) {
     let mut last: Option<(View, Instant)> = None;
     loop {
         revisions.borrow_and_update();
-        let Some(view) = shared.runs().get(&run_id).map(|run| run.rdzv.view(&id)) else {
+        let Some(view) = shared.runs().get(run_id).map(|run| run.rdzv.view(id)) else {
             return;
         };
         if last.as_ref().is_none_or(|(seen, _)| *seen != view) {

@@ -19,8 +19,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::configuration::config::LaunchConfig;
-use crate::rendezvous::agent_store::{Peers, RemoteFailure, RendezvousError, StaticSpec};
+use crate::rendezvous::agent_store::{Peers, RemoteFailure, RendezvousError};
+use crate::rendezvous::elastic::ElasticError;
 use crate::rendezvous::netif;
+use crate::rendezvous::service::client::ClientError;
 use crate::reports::logs::LogLayout;
 use crate::reports::report::{self, Failure, SummaryRow};
 use crate::supervision::decision::{self, AttemptEnd, Budget, Next, Verdict};
@@ -29,7 +31,7 @@ use crate::supervision::worker::Bootstrap;
 
 /// How long worker output may stay open after the workers have exited (a grandchild may hold
 /// the pipe); past it, the launcher stops waiting for that output.
-const OUTPUT_DRAIN_BOUND: Duration = Duration::from_secs(2);
+pub(super) const OUTPUT_DRAIN_BOUND: Duration = Duration::from_secs(2);
 
 /// How a run ended.
 #[derive(Debug)]
@@ -75,10 +77,19 @@ pub enum AgentError {
     /// The nodes could not come together.
     #[error(transparent)]
     Rendezvous(#[from] RendezvousError),
+    /// This agent cannot take part in the elastic rendezvous.
+    #[error(transparent)]
+    ElasticSetup(#[from] ElasticError),
+    /// A call to the rendezvous service failed.
+    #[error(transparent)]
+    ElasticCall(#[from] ClientError),
+    /// The elastic rendezvous ended without this node being placed.
+    #[error("{0}")]
+    Elastic(String),
 }
 
 impl RunResult {
-    fn nothing_ran(outcome: Outcome, layout: &LogLayout) -> Self {
+    pub(super) fn nothing_ran(outcome: Outcome, layout: &LogLayout) -> Self {
         Self {
             outcome,
             rows: Vec::new(),
@@ -113,6 +124,9 @@ pub async fn run(config: &LaunchConfig) -> Result<RunResult, AgentError> {
     let layout =
         LogLayout::create(config.log_dir.as_deref(), &config.run_id).map_err(AgentError::Logs)?;
     let mut signals = listen(&config.signals)?;
+    if let Some(spec) = &config.elastic {
+        return super::elastic::run(config, spec, &layout, &mut signals).await;
+    }
     let (mut topology, boot) = match &config.nodes {
         None => {
             // The agent hosts the store the workers bootstrap through (TORCHELASTIC_USE_AGENT_STORE):
@@ -143,7 +157,11 @@ pub async fn run(config: &LaunchConfig) -> Result<RunResult, AgentError> {
                 assignment: peers.assignment.clone(),
                 master_addr: spec.master_addr.clone(),
                 master_port: spec.master_port,
-                extra_env: socket_ifnames(spec, config.local_addr.as_deref()),
+                extra_env: socket_ifnames(
+                    &spec.master_addr,
+                    spec.master_port,
+                    config.local_addr.as_deref(),
+                ),
             };
             (Topology::Multi(Box::new(peers)), boot)
         }
@@ -282,7 +300,7 @@ async fn attempts(
 }
 
 /// The run's outcome for `verdict`; `failures` are this node's, from the last attempt.
-fn outcome(verdict: Verdict, failures: Vec<Failure>) -> Outcome {
+pub(super) fn outcome(verdict: Verdict, failures: Vec<Failure>) -> Outcome {
     match verdict {
         Verdict::Succeeded => Outcome::Succeeded,
         Verdict::Failed => Outcome::Failed(failures),
@@ -312,7 +330,7 @@ async fn remote_failure(watch: &mut Option<JoinHandle<RemoteFailure>>) -> String
 }
 
 /// One line naming a failed worker, for the other nodes and the log.
-fn describe(f: &Failure, node_rank: u32) -> String {
+pub(super) fn describe(f: &Failure, node_rank: u32) -> String {
     let host = nix::unistd::gethostname()
         .map_or_else(|_| "?".into(), |h| h.to_string_lossy().into_owned());
     let message = f
@@ -331,12 +349,16 @@ fn describe(f: &Failure, node_rank: u32) -> String {
 
 /// `GLOO_SOCKET_IFNAME`/`NCCL_SOCKET_IFNAME` for the interface that reaches the master (or
 /// holds `--local-addr`), unless the user set them.
-fn socket_ifnames(spec: &StaticSpec, local_addr: Option<&str>) -> Vec<(String, String)> {
+pub(super) fn socket_ifnames(
+    master_addr: &str,
+    master_port: u16,
+    local_addr: Option<&str>,
+) -> Vec<(String, String)> {
     let chosen = match local_addr {
         Some(addr) => netif::resolve(addr, 0)
             .map(|a| a.ip())
             .and_then(netif::interface_with),
-        None => netif::resolve(&spec.master_addr, spec.master_port)
+        None => netif::resolve(master_addr, master_port)
             .and_then(netif::source_address)
             .and_then(netif::interface_with),
     };
@@ -358,7 +380,11 @@ fn socket_ifnames(spec: &StaticSpec, local_addr: Option<&str>) -> Vec<(String, S
 }
 
 /// Failures the workers had on their own, before the launcher began to stop the group.
-fn failures_before(group: &WorkerGroup, exit_order: &[u32], stop_started: Instant) -> Vec<Failure> {
+pub(super) fn failures_before(
+    group: &WorkerGroup,
+    exit_order: &[u32],
+    stop_started: Instant,
+) -> Vec<Failure> {
     group
         .workers()
         .iter()
@@ -373,7 +399,11 @@ fn failures_before(group: &WorkerGroup, exit_order: &[u32], stop_started: Instan
         .collect()
 }
 
-fn summary_rows(group: &WorkerGroup, stop_started: Instant, restarts: u32) -> Vec<SummaryRow> {
+pub(super) fn summary_rows(
+    group: &WorkerGroup,
+    stop_started: Instant,
+    restarts: u32,
+) -> Vec<SummaryRow> {
     group
         .workers()
         .iter()

@@ -2,6 +2,7 @@
 //!
 //! - [`agent`]: the supervision loop: attempts, signals, the exit barrier.
 //! - [`decision`]: what the agent does next after an attempt ends, as a pure function.
+//! - [`elastic`]: the agent loop of an elastic job: rounds of the rendezvous service.
 //! - [`group`]: the workers of an attempt: exit events, stop with grace then SIGKILL.
 //! - [`worker`]: one worker process: its environment and its binding to the launcher's life.
 //! - [`descendants`]: finding every process the workers started, by a mark in their env.
@@ -10,6 +11,7 @@
 pub mod agent;
 pub mod decision;
 pub mod descendants;
+pub mod elastic;
 pub mod group;
 pub mod keeper;
 pub mod worker;

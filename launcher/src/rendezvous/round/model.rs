@@ -86,6 +86,8 @@ pub struct Placement {
     pub master_addr: String,
     /// Node 0's agent store port (`MASTER_PORT`).
     pub master_port: u16,
+    /// Every node of the round is ready: start the workers.
+    pub all_ready: bool,
 }
 
 /// A node's standing in the rendezvous.

@@ -173,6 +173,24 @@ fn a_participant_leaving_ends_the_round_and_below_min_the_rest_wait_then_time_ou
 }
 
 #[test]
+fn workers_start_when_every_node_of_the_round_is_ready_and_not_before() {
+    let mut r = Rendezvous::new(settings(2, 2));
+    r.join(Duration::ZERO, node("a", 1)).unwrap();
+    r.join(Duration::ZERO, node("b", 1)).unwrap();
+    r.ready(S, &id("a"), 0).unwrap();
+    assert!(!placement(&r, "a").all_ready);
+    r.ready(S, &id("b"), 0).unwrap();
+    assert!(placement(&r, "a").all_ready && placement(&r, "b").all_ready);
+    r.restart(S, &id("a"), 0, "exit 1").unwrap();
+    assert!(!placement(&r, "b").all_ready, "a new round starts unready");
+    r.ready(S, &id("b"), 0).unwrap();
+    assert!(
+        !placement(&r, "b").all_ready,
+        "readiness for an old round does not count"
+    );
+}
+
+#[test]
 fn the_job_is_done_when_every_node_of_the_round_finished_it() {
     let mut r = Rendezvous::new(settings(2, 2));
     r.join(Duration::ZERO, node("a", 1)).unwrap();
@@ -256,6 +274,7 @@ enum Op {
     Leave(usize),
     Restart(usize, bool),
     Finish(usize),
+    Ready(usize),
     Close,
     Advance(u64),
 }
@@ -267,6 +286,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..7usize).prop_map(Op::Leave),
         2 => (0..7usize, any::<bool>()).prop_map(|(n, current)| Op::Restart(n, current)),
         2 => (0..7usize).prop_map(Op::Finish),
+        3 => (0..7usize).prop_map(Op::Ready),
         1 => Just(Op::Close),
         6 => (0..25_000u64).prop_map(Op::Advance),
     ]
@@ -287,6 +307,7 @@ fn check(r: &Rendezvous, now: Duration, ticked: bool) -> Result<(), TestCaseErro
     prop_assert!(r.participants.len() <= max);
     prop_assert!(r.waiting.iter().all(|w| !r.participants.contains(w)));
     prop_assert!(r.finished.is_subset(&r.participants));
+    prop_assert!(r.ready.is_subset(&r.participants));
     let gathering = matches!(r.phase, Phase::Gathering { .. });
     prop_assert!(
         r.finished.is_empty() || !gathering,
@@ -399,6 +420,7 @@ proptest! {
                     let _ = r.restart(now, &ids[n], round, "worker failed");
                 }
                 Op::Finish(n) => { let _ = r.finish(now, &ids[n], r.round); }
+                Op::Ready(n) => { let _ = r.ready(now, &ids[n], r.round); }
                 Op::Close => r.close("closed by the test"),
                 Op::Advance(ms) => {
                     now += Duration::from_millis(ms);

@@ -5,6 +5,7 @@
 //! The service holds the job's token, so its views are believed as far as their meaning goes,
 //! but their numbers are checked ([`wire::view_in`]) before they become a worker's env.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -16,6 +17,9 @@ use tonic::{Code, Request, Status};
 
 use super::{proto, wire, Token, MAX_MESSAGE};
 use crate::rendezvous::round::{NodeDesc, View};
+
+/// How long one call (other than the join and the watch) may take.
+pub const CALL_BOUND: Duration = Duration::from_secs(10);
 
 type Rpc = proto::rendezvous_client::RendezvousClient<InterceptedService<Channel, Bearer>>;
 
@@ -150,6 +154,24 @@ impl ElasticClient {
         })
     }
 
+    /// `call`, answered within [`CALL_BOUND`]: a host cut off from the service must not wait
+    /// on a connection whose packets go nowhere.
+    async fn bounded<T>(
+        &self,
+        what: &'static str,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, ClientError> {
+        match tokio::time::timeout(CALL_BOUND, call).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(status)) => Err(self.refused(what, &status)),
+            Err(_) => Err(ClientError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                after: CALL_BOUND,
+                last: format!("{what} was not answered"),
+            }),
+        }
+    }
+
     /// Joins with `--nnodes min:max`, retrying while the service cannot be reached, until
     /// `deadline`.
     ///
@@ -199,11 +221,17 @@ impl ElasticClient {
     }
 
     /// The node's view, kept current by a task until the rendezvous is over or the stream
-    /// breaks (then the receiver holds the error).
+    /// breaks, and a heartbeat every `interval`. When no heartbeat is answered for `timeout`
+    /// (the service is gone, or this host's link is), the receiver holds the error: the
+    /// service has dropped this node by then, so it must not go on as if placed.
     ///
     /// # Errors
     /// The service refused the watch.
-    pub async fn watch(&self) -> Result<(Views, JoinHandle<()>), ClientError> {
+    pub async fn watch(
+        &self,
+        interval: Duration,
+        timeout: Duration,
+    ) -> Result<(Views, [JoinHandle<()>; 2]), ClientError> {
         let request = proto::NodeRequest {
             run_id: self.run_id.clone(),
             node_id: self.node.id.0.clone(),
@@ -218,16 +246,16 @@ impl ElasticClient {
         let first = match stream.message().await {
             Ok(Some(view)) => self.view(view)?,
             Ok(None) => {
-                return Err(self.refused(
-                    "the watch",
-                    &Status::unavailable("the stream ended at once"),
-                ))
+                let ended = Status::unavailable("the stream ended at once");
+                return Err(self.refused("the watch", &ended));
             }
             Err(status) => return Err(self.refused("the watch", &status)),
         };
-        let (tx, rx) = watch::channel(Ok(first));
+        let tx = Arc::new(watch::channel(Ok(first)).0);
+        let rx = tx.subscribe();
         let this = self.clone();
-        let task = tokio::spawn(async move {
+        let views = tx.clone();
+        let watcher = tokio::spawn(async move {
             loop {
                 let next = match stream.message().await {
                     Ok(Some(view)) => this.view(view).map_err(|e| e.to_string()),
@@ -244,39 +272,49 @@ impl ElasticClient {
                 // The service ends the stream after the rendezvous is over; that last view
                 // stays what the agent reads.
                 let over = next.as_ref().map_or(true, View::is_over);
-                if tx.send(next).is_err() || over {
+                if views.send(next).is_err() || over {
                     return;
                 }
             }
         });
-        Ok((rx, task))
+        let beats = tokio::spawn(self.clone().heartbeats(interval, timeout, tx));
+        Ok((rx, [watcher, beats]))
     }
 
-    /// Sends a heartbeat every `interval` until aborted; a refused heartbeat (the node was
-    /// dropped, the rendezvous is over) ends the task, and the watch tells the agent why.
-    pub fn heartbeats(&self, interval: Duration) -> JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                let request = proto::NodeRequest {
-                    run_id: this.run_id.clone(),
-                    node_id: this.node.id.0.clone(),
-                };
-                match this.rpc.clone().heartbeat(request).await {
-                    Ok(_) => {}
-                    Err(s) if s.code() == Code::Unavailable => {
-                        tracing::debug!("heartbeat not delivered: {}", s.message());
-                    }
-                    Err(s) => {
-                        tracing::debug!("heartbeats stop: {}", s.message());
-                        return;
-                    }
+    async fn heartbeats(
+        self,
+        interval: Duration,
+        timeout: Duration,
+        views: Arc<watch::Sender<Result<View, String>>>,
+    ) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut answered = Instant::now();
+        let bound = interval.max(Duration::from_millis(100));
+        loop {
+            ticks.tick().await;
+            let request = proto::NodeRequest {
+                run_id: self.run_id.clone(),
+                node_id: self.node.id.0.clone(),
+            };
+            match tokio::time::timeout(bound, self.rpc.clone().heartbeat(request)).await {
+                Ok(Ok(_)) => answered = Instant::now(),
+                Ok(Err(s)) if s.code() != Code::Unavailable => {
+                    // Dropped or over: the watch says which.
+                    tracing::debug!("heartbeats stop: {}", s.message());
+                    return;
                 }
+                _ if answered.elapsed() > timeout => {
+                    let _ = views.send(Err(format!(
+                        "no heartbeat answered by the rendezvous at {} for {:.1?}: it is gone, or this host is cut off from it",
+                        self.endpoint,
+                        answered.elapsed()
+                    )));
+                    return;
+                }
+                _ => tracing::debug!("heartbeat not answered"),
             }
-        })
+        }
     }
 
     /// This node's workers failed in `round`: a counted restart for every node.
@@ -291,11 +329,26 @@ impl ElasticClient {
             round,
             cause,
         };
-        self.rpc
-            .clone()
-            .restart(request)
-            .await
-            .map_err(|s| self.refused("the restart", &s))?;
+        let mut rpc = self.rpc.clone();
+        let call = rpc.restart(request);
+        self.bounded("the restart", call).await?;
+        Ok(())
+    }
+
+    /// This node stopped its earlier workers (node 0: and cleared its store) and is ready to
+    /// start `round`'s.
+    ///
+    /// # Errors
+    /// The service refused or cannot be reached.
+    pub async fn ready(&self, round: u64) -> Result<(), ClientError> {
+        let request = proto::RoundRequest {
+            run_id: self.run_id.clone(),
+            node_id: self.node.id.0.clone(),
+            round,
+        };
+        let mut rpc = self.rpc.clone();
+        let call = rpc.ready(request);
+        self.bounded("the ready", call).await?;
         Ok(())
     }
 
@@ -309,11 +362,9 @@ impl ElasticClient {
             node_id: self.node.id.0.clone(),
             round,
         };
-        self.rpc
-            .clone()
-            .finish(request)
-            .await
-            .map_err(|s| self.refused("the finish", &s))?;
+        let mut rpc = self.rpc.clone();
+        let call = rpc.finish(request);
+        self.bounded("the finish", call).await?;
         Ok(())
     }
 
@@ -324,8 +375,11 @@ impl ElasticClient {
             run_id: self.run_id.clone(),
             node_id: self.node.id.0.clone(),
         };
-        if let Err(s) = self.rpc.clone().leave(request).await {
-            tracing::debug!("leave not delivered: {}", s.message());
+        if let Err(e) = self
+            .bounded("the leave", self.rpc.clone().leave(request))
+            .await
+        {
+            tracing::debug!("leave not delivered: {e}");
         }
     }
 
@@ -340,11 +394,9 @@ impl ElasticClient {
             node_id: self.node.id.0.clone(),
             reason,
         };
-        self.rpc
-            .clone()
-            .close(request)
-            .await
-            .map_err(|s| self.refused("the close", &s))?;
+        let mut rpc = self.rpc.clone();
+        let call = rpc.close(request);
+        self.bounded("the close", call).await?;
         Ok(())
     }
 }

@@ -104,6 +104,7 @@ pub fn view_out(view: &View) -> proto::View {
             world_size: p.world_size,
             master_addr: p.master_addr.clone(),
             master_port: u32::from(p.master_port),
+            all_ready: p.all_ready,
         }),
         Standing::Waiting => S::Waiting(proto::Empty {}),
         Standing::Unknown => S::Unknown(proto::Empty {}),
@@ -159,6 +160,7 @@ pub fn view_in(view: proto::View) -> Result<View, String> {
                 world_size: p.world_size,
                 master_addr: p.master_addr,
                 master_port,
+                all_ready: p.all_ready,
             })
         }
         Some(S::Waiting(_)) => Standing::Waiting,

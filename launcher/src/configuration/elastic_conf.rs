@@ -1,0 +1,182 @@
+//! `--nnodes MIN:MAX` with `--rdzv-backend c10d`: the flags and `--rdzv-conf` keys resolved
+//! into an [`ElasticSpec`], with torchrun's defaults (join 600 s, last call 30 s,
+//! keep-alive 5 s × 3, endpoint port 29400).
+
+use std::time::Duration;
+
+use crate::configuration::cli::Args;
+use crate::configuration::config::{ConfigError, Environment};
+use crate::configuration::flags::{parse_endpoint, seconds};
+use crate::rendezvous::elastic::ElasticSpec;
+use crate::rendezvous::round::Settings;
+use crate::rendezvous::service::{Token, TOKEN_ENV};
+
+/// torchrun's c10d port.
+const DEFAULT_PORT: u16 = 29400;
+
+/// The elastic rendezvous `args` ask for, or `None` for a static or single-node job.
+///
+/// # Errors
+/// A backend that cannot do it, a missing endpoint, or a `--rdzv-conf` value that cannot work.
+pub(crate) fn elastic_spec(
+    args: &Args,
+    conf: &[(String, String)],
+    (min_nodes, max_nodes): (u32, u32),
+    local_world_size: u32,
+    env: &dyn Environment,
+) -> Result<Option<ElasticSpec>, ConfigError> {
+    let multi_node = |what: &str| ConfigError::MultiNode {
+        nnodes: args.nnodes.clone(),
+        what: what.to_owned(),
+    };
+    match args.rdzv_backend.as_str() {
+        _ if max_nodes <= 1 => return Ok(None),
+        "static" if min_nodes != max_nodes => {
+            return Err(multi_node(
+                "--rdzv-backend static: an elastic range needs --rdzv-backend c10d",
+            ));
+        }
+        "static" => return Ok(None),
+        "etcd" | "etcd-v2" => {
+            return Err(multi_node(
+                "the etcd backend, which ferrun does not have yet: use --rdzv-backend c10d",
+            ));
+        }
+        _ => {}
+    }
+    if args.standalone {
+        return Err(multi_node("--standalone (a single-node mode)"));
+    }
+    if args.rdzv_endpoint.is_empty() {
+        return Err(ConfigError::RdzvValue(format!(
+            "--nnodes {} with --rdzv-backend c10d needs --rdzv-endpoint host:port, the same on every node: the address of the node (or `ferrun rendezvous serve`) that hosts the rendezvous",
+            args.nnodes
+        )));
+    }
+    let (host, port) = parse_endpoint(&args.rdzv_endpoint)?;
+    let plain = |c: char| c.is_ascii_alphanumeric() || "._-:@".contains(c);
+    if args.rdzv_id.is_empty() || args.rdzv_id.len() > 128 || !args.rdzv_id.chars().all(plain) {
+        return Err(ConfigError::RdzvValue(format!(
+            "--rdzv-id {:?}: use 1 to 128 letters, digits or . _ - : @ (the job's name, the same on every node)",
+            args.rdzv_id
+        )));
+    }
+    let value = |key: &str| conf.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let secs = |key: &str, default: u64| match value(key) {
+        Some(v) => seconds(&format!("--rdzv-conf {key}"), v),
+        None => Ok(Duration::from_secs(default)),
+    };
+    let keep_alive = secs("keep_alive_interval", 5)?;
+    let attempts = match value("keep_alive_max_attempt") {
+        Some(v) => v.parse::<u32>().ok().filter(|&n| n >= 1).ok_or_else(|| {
+            ConfigError::RdzvValue(format!(
+                "--rdzv-conf keep_alive_max_attempt={v}: expected a whole number, 1 or more"
+            ))
+        })?,
+        None => 3,
+    };
+    if keep_alive.is_zero() {
+        return Err(ConfigError::RdzvValue(
+            "--rdzv-conf keep_alive_interval=0: heartbeats need an interval above 0".into(),
+        ));
+    }
+    let token = match value("token")
+        .map(str::to_owned)
+        .or_else(|| env.var(TOKEN_ENV))
+    {
+        Some(text) => Some(Token::new(&text).map_err(ConfigError::RdzvValue)?),
+        None => None,
+    };
+    Ok(Some(ElasticSpec {
+        settings: Settings {
+            min_nodes,
+            max_nodes,
+            join_timeout: match value("join_timeout").or(value("timeout")) {
+                Some(v) => seconds("--rdzv-conf join_timeout", v)?,
+                None => Duration::from_secs(600),
+            },
+            last_call_timeout: secs("last_call_timeout", 30)?,
+            heartbeat_timeout: keep_alive.saturating_mul(attempts),
+        },
+        host,
+        port: port.unwrap_or(DEFAULT_PORT),
+        run_id: args.rdzv_id.clone(),
+        local_world_size,
+        keep_alive,
+        is_host: value("is_host").map(|v| ["1", "true", "True", "yes", "y", "t"].contains(&v)),
+        token,
+        local_addr: args.local_addr.clone(),
+        exit_timeout: secs("exit_barrier_timeout", 300)?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use crate::configuration::cli::parse;
+    use crate::configuration::config::{Environment, LaunchConfig};
+    use crate::configuration::nproc::Devices;
+
+    struct Env(PathBuf);
+
+    impl Environment for Env {
+        fn var(&self, name: &str) -> Option<String> {
+            (name == super::TOKEN_ENV).then(|| "from-the-env-0123456789".to_owned())
+        }
+        fn which(&self, program: &str) -> Option<PathBuf> {
+            Some(PathBuf::from("/usr/bin").join(program))
+        }
+        fn cwd(&self) -> PathBuf {
+            self.0.clone()
+        }
+        fn devices(&self) -> Devices {
+            Devices {
+                gpus: 0,
+                gpu_source: "none".into(),
+                cpus: 2,
+            }
+        }
+    }
+
+    #[test]
+    fn a_torchrun_elastic_command_line_gets_torchruns_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("train.py"), "").expect("write");
+        let line = [
+            "ferrun",
+            "--nnodes",
+            "2:4",
+            "--nproc-per-node",
+            "3",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "node0:5000",
+            "--rdzv-id",
+            "job-7",
+            "--rdzv-conf",
+            "last_call_timeout=2,keep_alive_interval=1",
+            "train.py",
+        ];
+        let (flavor, args) = parse(line).expect("parses");
+        let config =
+            LaunchConfig::from_args(flavor, &args, &Env(dir.path().into())).expect("valid");
+        let spec = config.elastic.expect("elastic");
+        assert!(config.nodes.is_none());
+        assert_eq!((spec.settings.min_nodes, spec.settings.max_nodes), (2, 4));
+        assert_eq!(spec.endpoint(), "node0:5000");
+        assert_eq!(spec.settings.join_timeout.as_secs(), 600);
+        assert_eq!(spec.settings.last_call_timeout.as_secs(), 2);
+        assert_eq!(
+            spec.settings.heartbeat_timeout.as_secs(),
+            3,
+            "1 s x 3 attempts"
+        );
+        assert_eq!((spec.run_id.as_str(), spec.local_world_size), ("job-7", 3));
+        assert!(
+            spec.token.is_some(),
+            "the token comes from FERRUN_RDZV_TOKEN"
+        );
+    }
+}

@@ -1,0 +1,235 @@
+//! Elastic launches (`--nnodes MIN:MAX --rdzv-backend c10d`) with real `ferrun` processes:
+//! several agents on one host over loopback, and hosts in network namespaces on a bridge.
+
+mod support;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use ferrun_tests::netns::Hosts;
+use support::{ferrun, kill_all, run_child, stdout_lines, text, worker};
+
+/// Bound on every wait; the runs take a few seconds.
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `ferrun` as one agent of an elastic job at `endpoint`; fast heartbeats (0.5 s × 2) and a
+/// 30 s join timeout unless `extra` gives its own `--rdzv-conf`.
+fn agent(nnodes: &str, endpoint: &str, extra: &[&str], script_args: &[&str]) -> Command {
+    let conf = if extra.contains(&"--rdzv-conf") {
+        &[][..]
+    } else {
+        &[
+            "--rdzv-conf",
+            "last_call_timeout=1,keep_alive_interval=0.5,keep_alive_max_attempt=2,join_timeout=30",
+        ][..]
+    };
+    let mut cmd = ferrun();
+    cmd.args(["--nnodes", nnodes, "--nproc-per-node", "1"])
+        .args([
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            endpoint,
+            "--rdzv-id",
+            "el",
+        ])
+        .args(conf)
+        .args(extra)
+        .arg(worker("elastic.py"))
+        .args(script_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    cmd
+}
+
+struct Agent {
+    child: Option<Child>,
+    lines: Receiver<String>,
+    pid: i32,
+}
+
+impl Agent {
+    fn start(mut cmd: Command) -> Self {
+        let mut child = cmd.spawn().expect("spawn ferrun");
+        let lines = stdout_lines(&mut child);
+        let pid = i32::try_from(child.id()).expect("pid");
+        Self {
+            child: Some(child),
+            lines,
+            pid,
+        }
+    }
+
+    /// The next stdout line with `needle`; if the agent ends first, fails with its stderr.
+    fn wait_line(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + LIMIT;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(line) => seen.push(line),
+                Err(e) => {
+                    let out = self.child.take().map(|c| run_child(c, LIMIT));
+                    let stderr = out.map(|o| text(&o).1).unwrap_or_default();
+                    panic!("no line with {needle:?} ({e}) after {seen:?}; the agent's stderr:\n{stderr}");
+                }
+            }
+        }
+    }
+
+    fn finish(mut self) -> Output {
+        run_child(self.child.take().expect("running"), LIMIT)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            kill_all(&[self.pid]);
+        }
+    }
+}
+
+fn succeeded(agent: Agent, what: &str) -> String {
+    let out = agent.finish();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{what}: {stdout}\n{stderr}");
+    stderr
+}
+
+#[test]
+fn a_failed_worker_restarts_every_node_into_a_new_round_counted_once() {
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let mut agents: Vec<Agent> = (0..2)
+        .map(|_| {
+            Agent::start(agent(
+                "2:2",
+                &endpoint,
+                &["--max-restarts", "1"],
+                &["--fail-rank", "1"],
+            ))
+        })
+        .collect();
+    // (Node 0 may never start round 0's workers: node 1's can fail before node 0 hears that
+    // every node is ready. Each node runs round 1, with the restart counted once.)
+    for a in &mut agents {
+        let line = a.wait_line("restart 1");
+        assert!(line.contains("world 2"), "{line}");
+    }
+    for a in agents {
+        succeeded(a, "the restarted job");
+    }
+}
+
+#[test]
+fn a_job_whose_nodes_never_all_arrive_fails_naming_who_joined() {
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let mut cmd = agent("2:2", &endpoint, &["--rdzv-conf", "join_timeout=1.5"], &[]);
+    let out = run_child(cmd.spawn().expect("spawn"), LIMIT);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("1 of at least 2 nodes joined within the join timeout"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_node_with_a_wrong_token_is_refused_and_the_others_run_on() {
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let with = |token: &str, args: &[&str]| {
+        let mut cmd = agent("1:2", &endpoint, &[], args);
+        cmd.env("FERRUN_RDZV_TOKEN", token);
+        cmd
+    };
+    let mut host = Agent::start(with("the-job-token-0123456789", &["--exit-world", "2"]));
+    host.wait_line("world 1");
+    let out = run_child(
+        with("a-stranger-token-0123456789", &[])
+            .spawn()
+            .expect("spawn"),
+        LIMIT,
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("needs the job's token"), "{stderr}");
+    // The job's own second node joins: a scale-up to two nodes, after which both finish.
+    let mut second = Agent::start(with("the-job-token-0123456789", &["--exit-world", "2"]));
+    second.wait_line("world 2");
+    host.wait_line("world 2");
+    succeeded(second, "the second node");
+    succeeded(host, "the host");
+}
+
+/// Three namespaced hosts, `--nnodes 2:3`: all three run; host 2 is lost (`kill` SIGKILLs its
+/// agent, or `cut` takes its link down); hosts 0 and 1 go on in a new round of two. Returns
+/// the lost host's agent.
+fn three_hosts_lose_one(lose: impl FnOnce(&Hosts, &Agent)) -> Agent {
+    let hosts = Hosts::bridged(3).expect("three namespaced hosts");
+    let endpoint = format!("{}:29400", hosts.addrs[0]);
+    let mut agents: Vec<Agent> = (0..3)
+        .map(|i| {
+            let cmd = agent("2:3", &endpoint, &[], &["--exit-world", "2"]);
+            let mut on = hosts.on(i, &cmd);
+            on.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .stdin(Stdio::null());
+            Agent::start(on)
+        })
+        .collect();
+    for a in &mut agents {
+        let line = a.wait_line("world 3");
+        assert!(
+            line.contains(&format!("master {}:", hosts.addrs[0])),
+            "{line}"
+        );
+    }
+    lose(&hosts, &agents[2]);
+    let lost = agents.pop().expect("three");
+    for a in &mut agents {
+        let line = a.wait_line("world 2");
+        assert!(
+            line.contains("restart 0"),
+            "a lost node is not a counted restart: {line}"
+        );
+    }
+    for a in agents {
+        let stderr = succeeded(a, "a survivor");
+        assert!(stderr.contains("lost node(s)"), "{stderr}");
+    }
+    lost
+}
+
+#[test]
+fn three_hosts_go_on_without_one_whose_agent_was_killed() {
+    let _killed = three_hosts_lose_one(|_, victim| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(victim.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill");
+    });
+}
+
+#[test]
+fn three_hosts_go_on_without_one_whose_link_was_cut() {
+    let cut = three_hosts_lose_one(|hosts, _| hosts.cut(2).expect("link down"));
+    // The cut-off agent does not hang: it sees its heartbeats go unanswered, stops its
+    // workers and says why.
+    let out = cut.finish();
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("cut off from it"), "{stderr}");
+}
