@@ -81,6 +81,7 @@ impl Agent {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(line) => seen.push(line),
                 Err(e) => {
+                    kill_all(&[self.pid]);
                     let out = self.child.take().map(|c| run_child(c, LIMIT));
                     let stderr = out.map(|o| text(&o).1).unwrap_or_default();
                     panic!("no line with {needle:?} ({e}) after {seen:?}; the agent's stderr:\n{stderr}");
@@ -232,4 +233,66 @@ fn three_hosts_go_on_without_one_whose_link_was_cut() {
     let (stdout, stderr) = text(&out);
     assert!(!out.status.success(), "{stdout}\n{stderr}");
     assert!(stderr.contains("cut off from it"), "{stderr}");
+}
+
+/// `ferrun` on host `i` of `hosts` running the Gloo trainer, endpoint on host 0.
+fn gloo_agent(hosts: &Hosts, i: usize, worlds: &str, state: &std::path::Path) -> Agent {
+    let endpoint = format!("{}:29400", hosts.addrs[0]);
+    let mut cmd = ferrun();
+    cmd.env_remove("GLOO_SOCKET_IFNAME")
+        .args([
+            "--nnodes",
+            "2:3",
+            "--nproc-per-node",
+            "1",
+            "--rdzv-backend",
+            "c10d",
+        ])
+        .args(["--rdzv-endpoint", &endpoint, "--rdzv-id", "gloo-el"])
+        .args([
+            "--rdzv-conf",
+            "last_call_timeout=2,keep_alive_interval=0.5,keep_alive_max_attempt=2,join_timeout=60",
+        ])
+        .arg(worker("gloo_elastic.py"))
+        .args(["--worlds", worlds, "--state", &state.display().to_string()]);
+    let mut on = hosts.on(i, &cmd);
+    on.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    Agent::start(on)
+}
+
+#[test]
+fn gloo_training_on_three_hosts_goes_on_without_a_killed_one_and_takes_in_a_fourth() {
+    let hosts = Hosts::bridged(4).expect("four namespaced hosts");
+    let state = tempfile::tempdir().expect("a state dir");
+    let worlds = "3,2,3";
+    let mut agents: Vec<Agent> = (0..3)
+        .map(|i| gloo_agent(&hosts, i, worlds, state.path()))
+        .collect();
+    for a in &mut agents {
+        a.wait_line("world 3 rank");
+    }
+    // Host 2's agent and workers are killed: hosts 0 and 1 train on as a world of two.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agents[2].pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let _killed = agents.pop();
+    for a in &mut agents {
+        let line = a.wait_line("world 2 rank");
+        assert!(line.contains("sum 3 restart 0"), "{line}");
+    }
+    // A fourth host joins: a scale-up back to three, which trains to the end.
+    agents.push(gloo_agent(&hosts, 3, worlds, state.path()));
+    for a in &mut agents {
+        let line = a.wait_line("world 3 rank");
+        assert!(line.contains("sum 6 restart 0"), "{line}");
+    }
+    for a in agents {
+        succeeded(a, "a node of the final round");
+    }
+    let seen = std::fs::read_to_string(state.path().join("worlds")).expect("worlds");
+    assert!(seen.ends_with("3 2 3"), "{seen}");
 }

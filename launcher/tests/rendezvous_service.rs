@@ -138,6 +138,30 @@ async fn three_nodes_join_learn_their_ranks_and_a_silent_one_is_dropped_at_once(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_connection_breaks_is_dropped_without_waiting_for_its_heartbeats() {
+    // Heartbeats time out long after every bounded wait here: only the broken watch can tell.
+    let service = serve(settings(2, 2, 10 * BOUND), None);
+    let deadline = Instant::now() + BOUND;
+    let (a, b) = (client(&service, None, "a"), client(&service, None, "b"));
+    a.join(2, 2, deadline).await.expect("join");
+    b.join(2, 2, deadline).await.expect("join");
+    let (mut views, _a_tasks) = a.watch(BOUND, 10 * BOUND).await.expect("watch");
+    let (_, b_tasks) = b.watch(BOUND, 10 * BOUND).await.expect("watch");
+    until(&mut views, |v| assigned(v).is_some()).await;
+    // b's agent dies: its tasks end and its stream is reset.
+    for task in b_tasks {
+        task.abort();
+    }
+    drop(b);
+    let view = until(&mut views, |v| v.round == 1).await;
+    assert_eq!(
+        view.last_end,
+        Some(RoundEnd::Lost(vec![NodeId("b".into())]))
+    );
+    assert_eq!(view.standing, Standing::Gathering { joined: 1 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_the_token_or_with_another_nnodes_is_refused_with_the_fix() {
     let token = Token::new("s3cret-token-0123456789").expect("a token");
     let service = serve(settings(1, 2, BOUND), Some(token.clone()));

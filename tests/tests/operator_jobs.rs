@@ -145,3 +145,55 @@ fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free port")
 }
+
+#[test]
+fn an_elastic_job_rendered_by_the_operator_runs_ferruns_elastic_rendezvous_unchanged() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ferrun = ferrun_binary().display().to_string();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("workers/gloo_job.py");
+    let python = venv().join("bin/python");
+    // Workers only, as elastic PyTorchJobs are: the operator renders PET_NNODES=2:2,
+    // PET_RDZV_BACKEND=c10d, PET_RDZV_ENDPOINT=<worker-0>:<port>, PET_RDZV_ID and
+    // PET_RDZV_CONF; `ferrun` takes them as torchrun would.
+    let yaml = format!(
+        r#"
+apiVersion: kubeflow.org/v1
+kind: PyTorchJob
+metadata: {{name: elastic}}
+spec:
+  nprocPerNode: "1"
+  elasticPolicy:
+    minReplicas: 2
+    maxReplicas: 2
+    rdzvBackend: c10d
+    rdzvId: elastic-job
+    rdzvConf: [{{key: last_call_timeout, value: "1"}}]
+  pytorchReplicaSpecs:
+    Worker:
+      replicas: 2
+      restartPolicy: OnFailure
+      template:
+        spec:
+          containers:
+            - name: pytorch
+              image: ghcr.io/ferrun/ferrun:0.1
+              command: ["{ferrun}", "{script}"]
+              env: [{{name: PYTHON_EXEC, value: {python}}}, {{name: RESULT_DIR, value: {results}}}]
+              ports: [{{name: pytorchjob-port, containerPort: {port}}}]
+"#,
+        script = script.display(),
+        python = python.display(),
+        results = dir.path().display(),
+        port = free_port(),
+    );
+    let outcome = run(&yaml);
+    assert_eq!(outcome.verdict, Verdict::Succeeded);
+    let lines = results(dir.path());
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for (rank, line) in lines.iter().enumerate() {
+        assert!(
+            line.starts_with(&format!("rank={rank} world=2 group_rank={rank} local_world=1 sum=3 trained=True identical=True")),
+            "{line}"
+        );
+    }
+}

@@ -293,15 +293,29 @@ impl Rendezvous {
             .filter(|(_, m)| now.saturating_sub(m.last_heartbeat) > timeout)
             .map(|(id, _)| id.clone())
             .collect();
+        self.drop_lost(now, &silent);
+        self.complete_or_time_out(now);
+    }
+
+    /// `id` is gone without leaving (its connection to the service broke: its agent was
+    /// killed): dropped at once, as if its heartbeats had stopped. Unknown ids are a no-op.
+    pub fn lose(&mut self, now: Duration, id: &NodeId) {
+        if self.open().is_ok() && self.members.contains_key(id) {
+            self.drop_lost(now, std::slice::from_ref(id));
+        }
+    }
+
+    fn drop_lost(&mut self, now: Duration, silent: &[NodeId]) {
         if !silent.is_empty() {
             self.revision += 1;
-            for id in &silent {
+            for id in silent {
                 self.members.remove(id);
             }
             self.waiting.retain(|w| !silent.contains(w));
             let lost: Vec<NodeId> = silent
-                .into_iter()
-                .filter(|id| self.participants.remove(id))
+                .iter()
+                .filter(|id| self.participants.remove(*id))
+                .cloned()
                 .collect();
             match self.phase {
                 Phase::Complete { .. } if !lost.is_empty() => {
@@ -311,6 +325,9 @@ impl Rendezvous {
                 _ => {}
             }
         }
+    }
+
+    fn complete_or_time_out(&mut self, now: Duration) {
         if let Phase::Gathering {
             since,
             last_call_at,

@@ -331,7 +331,14 @@ impl proto::rendezvous_server::Rendezvous for Handler {
         let (tx, rx) = mpsc::channel(4);
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            push_views(&shared, &request.run_id, &id, revisions, tx).await;
+            if push_views(&shared, &request.run_id, &id, revisions, tx).await == Ended::HungUp {
+                // Its agent's connection broke (killed, or its host went down with a reset):
+                // the others need not wait out its heartbeats.
+                let _ = shared.apply(&request.run_id, false, |r, now| {
+                    r.lose(now, &id);
+                    Ok(())
+                });
+            }
             shared.watch_ended.notify_waiters();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -414,6 +421,15 @@ impl proto::rendezvous_server::Rendezvous for Handler {
     }
 }
 
+/// Why a watch ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The rendezvous is over (or the run is gone).
+    Over,
+    /// The node hung up while the rendezvous went on.
+    HungUp,
+}
+
 /// Sends `id` its view now and after every change, until the rendezvous is over or the node
 /// hangs up.
 async fn push_views(
@@ -422,21 +438,27 @@ async fn push_views(
     id: &NodeId,
     mut revisions: watch::Receiver<u64>,
     tx: mpsc::Sender<Result<proto::View, Status>>,
-) {
+) -> Ended {
     let mut last: Option<(View, Instant)> = None;
     loop {
         revisions.borrow_and_update();
         let Some(view) = shared.runs().get(run_id).map(|run| run.rdzv.view(id)) else {
-            return;
+            return Ended::Over;
         };
         if last.as_ref().is_none_or(|(seen, _)| *seen != view) {
-            if tx.send(Ok(wire::view_out(&view))).await.is_err() || view.is_over() {
-                return;
+            if tx.send(Ok(wire::view_out(&view))).await.is_err() {
+                return Ended::HungUp;
+            }
+            if view.is_over() {
+                return Ended::Over;
             }
             last = Some((view, Instant::now()));
         }
-        if revisions.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = revisions.changed() => if changed.is_err() {
+                return Ended::Over;
+            },
+            () = tx.closed() => return Ended::HungUp,
         }
         if let Some((
             View {

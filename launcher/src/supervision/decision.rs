@@ -2,12 +2,13 @@
 //! restarts left: the whole policy in one place, tested without a process.
 //!
 //! # Precedence
-//! A signal to the launcher wins over everything (the user asked it to stop). Then a failure
-//! of this node's workers, then a failure reported by another node (or the loss of the store
-//! that connects the nodes); both use up a restart, and with none left the run fails. Then a
-//! change of membership of an elastic job: nodes joined (scale-up) or were lost with at least
-//! MIN remaining restart the group without using a restart; fewer than MIN remaining ends the
-//! run naming the lost nodes. With none of these, the attempt succeeded.
+//! A signal to the launcher wins over everything (the user asked it to stop). Then a change
+//! of membership of an elastic job: nodes joined (scale-up) or were lost with at least MIN
+//! remaining restart the group without using a restart — also when workers here failed
+//! meanwhile, since a peer that vanishes tears their connections; fewer than MIN remaining
+//! ends the run naming the lost nodes. Then a failure of this node's workers or one reported
+//! by another node (or the loss of what connects the nodes): each uses up a restart, and with
+//! none left the run fails. With none of these, the attempt succeeded.
 
 use nix::sys::signal::Signal;
 
@@ -85,12 +86,24 @@ pub enum Next {
 
 /// The next step after `end`, given `budget`.
 pub fn next(end: &AttemptEnd, budget: Budget) -> Next {
-    let restarts_left = budget.restarts_done < budget.max_restarts;
     if let Some(sig) = end.signal {
         return Next::Stop(Verdict::Signaled(sig));
     }
+    match &end.membership {
+        Some(MembershipChange::Lost { nodes, remaining }) if *remaining < budget.min_nodes => {
+            return Next::Stop(Verdict::NodesLost {
+                nodes: nodes.clone(),
+                remaining: *remaining,
+                min_nodes: budget.min_nodes,
+            });
+        }
+        // Workers here that failed as their peers vanished failed because of it (a torn
+        // connection): the change is the cause, and it uses no restart.
+        Some(_) => return Next::Restart { counted: false },
+        None => {}
+    }
     if end.local_failure || end.remote_failure.is_some() {
-        if restarts_left {
+        if budget.restarts_done < budget.max_restarts {
             return Next::Restart { counted: true };
         }
         return Next::Stop(match (&end.remote_failure, end.local_failure) {
@@ -98,18 +111,7 @@ pub fn next(end: &AttemptEnd, budget: Budget) -> Next {
             _ => Verdict::Failed,
         });
     }
-    match &end.membership {
-        None => Next::Stop(Verdict::Succeeded),
-        Some(MembershipChange::ScaleUp) => Next::Restart { counted: false },
-        Some(MembershipChange::Lost { remaining, .. }) if *remaining >= budget.min_nodes => {
-            Next::Restart { counted: false }
-        }
-        Some(MembershipChange::Lost { nodes, remaining }) => Next::Stop(Verdict::NodesLost {
-            nodes: nodes.clone(),
-            remaining: *remaining,
-            min_nodes: budget.min_nodes,
-        }),
-    }
+    Next::Stop(Verdict::Succeeded)
 }
 
 #[cfg(test)]
@@ -210,13 +212,22 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_during_a_membership_change_is_a_failure() {
+    fn a_failure_while_peers_vanish_is_blamed_on_the_loss_not_counted() {
         let end = AttemptEnd {
             local_failure: true,
             membership: lost(2),
             ..AttemptEnd::default()
         };
-        assert_eq!(next(&end, ONE_LEFT), Next::Restart { counted: true });
-        assert_eq!(next(&end, NONE_LEFT), Next::Stop(Verdict::Failed));
+        for budget in [ONE_LEFT, NONE_LEFT] {
+            assert_eq!(next(&end, budget), Next::Restart { counted: false });
+        }
+        let too_few = AttemptEnd {
+            membership: lost(1),
+            ..end
+        };
+        assert!(matches!(
+            next(&too_few, ONE_LEFT),
+            Next::Stop(Verdict::NodesLost { .. })
+        ));
     }
 }

@@ -284,6 +284,19 @@ async fn rounds(
             }
         };
         group.drain_output(OUTPUT_DRAIN_BOUND).await;
+        if let Event::Failed = event {
+            // A peer that vanished tears the workers' connections, so they may fail before
+            // the service has said it is lost; by now it may have.
+            let moved = views
+                .borrow()
+                .as_ref()
+                .ok()
+                .filter(|v| v.round != round)
+                .cloned();
+            if let Some(view) = moved {
+                event = Event::Moved(view);
+            }
+        }
         let failures = failures_before(&group, &exit_order, stop_started);
         let rows = summary_rows(&group, stop_started, restart_count);
         let cause = report::root_cause(&failures).map(|f| describe(f, placement.node_rank));

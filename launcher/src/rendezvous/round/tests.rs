@@ -275,6 +275,7 @@ enum Op {
     Restart(usize, bool),
     Finish(usize),
     Ready(usize),
+    Lose(usize),
     Close,
     Advance(u64),
 }
@@ -287,6 +288,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..7usize, any::<bool>()).prop_map(|(n, current)| Op::Restart(n, current)),
         2 => (0..7usize).prop_map(Op::Finish),
         3 => (0..7usize).prop_map(Op::Ready),
+        1 => (0..7usize).prop_map(Op::Lose),
         1 => Just(Op::Close),
         6 => (0..25_000u64).prop_map(Op::Advance),
     ]
@@ -421,6 +423,7 @@ proptest! {
                 }
                 Op::Finish(n) => { let _ = r.finish(now, &ids[n], r.round); }
                 Op::Ready(n) => { let _ = r.ready(now, &ids[n], r.round); }
+                Op::Lose(n) => r.lose(now, &ids[n]),
                 Op::Close => r.close("closed by the test"),
                 Op::Advance(ms) => {
                     now += Duration::from_millis(ms);
