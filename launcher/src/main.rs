@@ -9,6 +9,8 @@ use anyhow::Context;
 use ferrun_collective::store::server as store;
 use ferrun_launcher::configuration::cli;
 use ferrun_launcher::configuration::config::{LaunchConfig, ProcessEnvironment};
+use ferrun_launcher::configuration::serve::{ServeArgs, ServeConfig};
+use ferrun_launcher::rendezvous::service::RendezvousService;
 use ferrun_launcher::reports::{error_file, report};
 use ferrun_launcher::supervision::agent::{self, Outcome};
 use ferrun_launcher::supervision::descendants;
@@ -27,7 +29,11 @@ macro_rules! say {
 }
 
 fn main() -> ExitCode {
-    let (flavor, args) = match cli::parse(std::env::args_os()) {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "rendezvous") {
+        return serve_rendezvous(&argv);
+    }
+    let (flavor, args) = match cli::parse(argv) {
         Ok(parsed) => parsed,
         Err(e) => e.exit(),
     };
@@ -68,6 +74,65 @@ fn main() -> ExitCode {
         keeper.disarm();
     }
     ExitCode::from(code)
+}
+
+/// `ferrun rendezvous serve …`: serves until SIGINT or SIGTERM.
+fn serve_rendezvous(argv: &[std::ffi::OsString]) -> ExitCode {
+    use clap::Parser as _;
+    let rest = argv.iter().skip(2);
+    let args = match argv.get(2).map(|a| a == "serve") {
+        Some(true) => ServeArgs::try_parse_from(std::iter::once(&argv[0]).chain(rest.skip(1))),
+        _ => {
+            say!("ferrun: usage: ferrun rendezvous serve --nnodes MIN:MAX [--host H] [--port P] [--rdzv-conf k=v,...]\n");
+            return ExitCode::from(USAGE);
+        }
+    };
+    let args = match args {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
+    init_tracing();
+    let config = match ServeConfig::from_args(&args, &ProcessEnvironment) {
+        Ok(config) => config,
+        Err(e) => {
+            say!("ferrun: error: {e}\n");
+            return ExitCode::from(USAGE);
+        }
+    };
+    let has_token = config.token.is_some();
+    let served = || -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        runtime.block_on(async {
+            let listener = std::net::TcpListener::bind(config.listen)
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            let service = RendezvousService::serve(listener, config.settings, config.token)?;
+            say!(
+                "serving the rendezvous for --nnodes {}:{} on {} (agents' heartbeats every {:?}, {} token)\n",
+                config.settings.min_nodes,
+                config.settings.max_nodes,
+                service.local_addr(),
+                config.keep_alive,
+                if has_token { "with a" } else { "no" }
+            );
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            drop(service);
+            Ok(())
+        })
+    };
+    match served() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            say!("ferrun: error: {e:#}\n");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn run(config: &LaunchConfig) -> anyhow::Result<u8> {

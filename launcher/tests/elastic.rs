@@ -296,3 +296,77 @@ fn gloo_training_on_three_hosts_goes_on_without_a_killed_one_and_takes_in_a_four
     let seen = std::fs::read_to_string(state.path().join("worlds")).expect("worlds");
     assert!(seen.ends_with("3 2 3"), "{seen}");
 }
+
+#[test]
+fn a_standalone_rendezvous_serves_agents_that_do_not_host_it() {
+    let port = free_port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_ferrun"));
+    server
+        .args([
+            "rendezvous",
+            "serve",
+            "--nnodes",
+            "2:2",
+            "--host",
+            "127.0.0.1",
+        ])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--rdzv-conf",
+            "last_call_timeout=1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    let mut server = server.spawn().expect("spawn the server");
+    let banner = std::io::BufRead::lines(std::io::BufReader::new(
+        server.stderr.take().expect("stderr"),
+    ))
+    .map_while(Result::ok)
+    .find(|l| l.contains("serving the rendezvous"))
+    .expect("a banner");
+    assert!(banner.contains(&format!("127.0.0.1:{port}")), "{banner}");
+    let endpoint = format!("127.0.0.1:{port}");
+    let agents: Vec<Agent> = (0..2)
+        .map(|_| {
+            Agent::start(agent(
+                "2:2",
+                &endpoint,
+                &["--rdzv-conf", "is_host=false,last_call_timeout=1"],
+                &[],
+            ))
+        })
+        .collect();
+    for a in agents {
+        let stderr = succeeded(a, "an agent");
+        assert!(!stderr.contains("hosting the rendezvous"), "{stderr}");
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(server.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let out = run_child(server, LIMIT);
+    assert!(
+        out.status.success(),
+        "the server ends cleanly on SIGTERM: {out:?}"
+    );
+}
+
+#[test]
+fn a_bad_serve_command_line_names_the_fix() {
+    let out = run_child(
+        Command::new(env!("CARGO_BIN_EXE_ferrun"))
+            .args(["rendezvous", "serve", "--nnodes", "4:2"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+        LIMIT,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).1.contains("--nnodes \"4:2\" is not valid"),
+        "{out:?}"
+    );
+}

@@ -61,13 +61,50 @@ pub(crate) fn elastic_spec(
             args.rdzv_id
         )));
     }
-    let value = |key: &str| conf.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
-    let secs = |key: &str, default: u64| match value(key) {
+    let (settings, keep_alive) = round_settings(conf, min_nodes, max_nodes)?;
+    Ok(Some(ElasticSpec {
+        settings,
+        host,
+        port: port.unwrap_or(DEFAULT_PORT),
+        run_id: args.rdzv_id.clone(),
+        local_world_size,
+        keep_alive,
+        is_host: value(conf, "is_host")
+            .map(|v| ["1", "true", "True", "yes", "y", "t"].contains(&v)),
+        token: token(conf, env)?,
+        local_addr: args.local_addr.clone(),
+        exit_timeout: seconds_or(conf, "exit_barrier_timeout", 300)?,
+    }))
+}
+
+fn value<'a>(conf: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    conf.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+fn seconds_or(conf: &[(String, String)], key: &str, default: u64) -> Result<Duration, ConfigError> {
+    match value(conf, key) {
         Some(v) => seconds(&format!("--rdzv-conf {key}"), v),
         None => Ok(Duration::from_secs(default)),
-    };
-    let keep_alive = secs("keep_alive_interval", 5)?;
-    let attempts = match value("keep_alive_max_attempt") {
+    }
+}
+
+/// The round's parameters from `--rdzv-conf` (torchrun's keys and defaults), and the
+/// heartbeat interval.
+///
+/// # Errors
+/// A value that cannot work.
+pub fn round_settings(
+    conf: &[(String, String)],
+    min_nodes: u32,
+    max_nodes: u32,
+) -> Result<(Settings, Duration), ConfigError> {
+    let keep_alive = seconds_or(conf, "keep_alive_interval", 5)?;
+    if keep_alive.is_zero() {
+        return Err(ConfigError::RdzvValue(
+            "--rdzv-conf keep_alive_interval=0: heartbeats need an interval above 0".into(),
+        ));
+    }
+    let attempts = match value(conf, "keep_alive_max_attempt") {
         Some(v) => v.parse::<u32>().ok().filter(|&n| n >= 1).ok_or_else(|| {
             ConfigError::RdzvValue(format!(
                 "--rdzv-conf keep_alive_max_attempt={v}: expected a whole number, 1 or more"
@@ -75,39 +112,35 @@ pub(crate) fn elastic_spec(
         })?,
         None => 3,
     };
-    if keep_alive.is_zero() {
-        return Err(ConfigError::RdzvValue(
-            "--rdzv-conf keep_alive_interval=0: heartbeats need an interval above 0".into(),
-        ));
-    }
-    let token = match value("token")
+    let join_timeout = match value(conf, "join_timeout").or(value(conf, "timeout")) {
+        Some(v) => seconds("--rdzv-conf join_timeout", v)?,
+        None => Duration::from_secs(600),
+    };
+    let settings = Settings {
+        min_nodes,
+        max_nodes,
+        join_timeout,
+        last_call_timeout: seconds_or(conf, "last_call_timeout", 30)?,
+        heartbeat_timeout: keep_alive.saturating_mul(attempts),
+    };
+    Ok((settings, keep_alive))
+}
+
+/// The job's token: `--rdzv-conf token=…`, else [`TOKEN_ENV`].
+///
+/// # Errors
+/// A token too short or with characters a header cannot carry.
+pub fn token(
+    conf: &[(String, String)],
+    env: &dyn Environment,
+) -> Result<Option<Token>, ConfigError> {
+    match value(conf, "token")
         .map(str::to_owned)
         .or_else(|| env.var(TOKEN_ENV))
     {
-        Some(text) => Some(Token::new(&text).map_err(ConfigError::RdzvValue)?),
-        None => None,
-    };
-    Ok(Some(ElasticSpec {
-        settings: Settings {
-            min_nodes,
-            max_nodes,
-            join_timeout: match value("join_timeout").or(value("timeout")) {
-                Some(v) => seconds("--rdzv-conf join_timeout", v)?,
-                None => Duration::from_secs(600),
-            },
-            last_call_timeout: secs("last_call_timeout", 30)?,
-            heartbeat_timeout: keep_alive.saturating_mul(attempts),
-        },
-        host,
-        port: port.unwrap_or(DEFAULT_PORT),
-        run_id: args.rdzv_id.clone(),
-        local_world_size,
-        keep_alive,
-        is_host: value("is_host").map(|v| ["1", "true", "True", "yes", "y", "t"].contains(&v)),
-        token,
-        local_addr: args.local_addr.clone(),
-        exit_timeout: secs("exit_barrier_timeout", 300)?,
-    }))
+        Some(text) => Token::new(&text).map(Some).map_err(ConfigError::RdzvValue),
+        None => Ok(None),
+    }
 }
 
 #[cfg(test)]

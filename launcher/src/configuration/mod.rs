@@ -5,6 +5,7 @@
 //! - [`elastic_conf`]: `--nnodes MIN:MAX` with c10d resolved into an elastic rendezvous.
 //! - [`flags`]: parsers for flag values (`--nnodes`, endpoints, `--rdzv-conf`, signals).
 //! - [`entrypoint`]: the worker's command line (`python -u`, `-m`, `--no-python`, `--run-path`).
+//! - [`serve`]: `ferrun rendezvous serve`'s flags.
 //! - [`nproc`]: `--nproc-per-node` as an integer, `cpu`, `gpu` or `auto`.
 
 pub mod cli;
@@ -13,3 +14,4 @@ pub mod elastic_conf;
 pub mod entrypoint;
 pub mod flags;
 pub mod nproc;
+pub mod serve;
