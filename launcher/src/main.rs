@@ -108,7 +108,12 @@ fn serve_rendezvous(argv: &[std::ffi::OsString]) -> ExitCode {
         runtime.block_on(async {
             let listener = std::net::TcpListener::bind(config.listen)
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
-            let service = RendezvousService::serve(listener, config.settings, config.token)?;
+            let service = RendezvousService::serve(
+                listener,
+                config.settings,
+                config.token,
+                config.tls.as_ref(),
+            )?;
             say!(
                 "serving the rendezvous for --nnodes {}:{} on {} (agents' heartbeats every {:?}, {} token)\n",
                 config.settings.min_nodes,

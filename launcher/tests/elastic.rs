@@ -370,3 +370,39 @@ fn a_bad_serve_command_line_names_the_fix() {
         "{out:?}"
     );
 }
+
+#[test]
+fn agents_with_the_jobs_certificates_and_token_run_over_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("CA");
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("cert");
+    let file = |name: &str, pem: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).expect("write");
+        path.display().to_string()
+    };
+    let conf = format!(
+        "last_call_timeout=1,tls_ca={},tls_cert={},tls_key={}",
+        file("ca.pem", ca.pem()),
+        file("cert.pem", cert.pem()),
+        file("key.pem", key.serialize_pem())
+    );
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let agents: Vec<Agent> = (0..2)
+        .map(|_| {
+            let mut cmd = agent("2:2", &endpoint, &["--rdzv-conf", &conf], &[]);
+            cmd.env("FERRUN_RDZV_TOKEN", "tls-job-token-0123456789");
+            Agent::start(cmd)
+        })
+        .collect();
+    for a in agents {
+        succeeded(a, "a node over TLS");
+    }
+}

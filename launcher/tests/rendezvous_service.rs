@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ferrun_launcher::rendezvous::round::{NodeDesc, NodeId, RoundEnd, Settings, Standing, View};
 use ferrun_launcher::rendezvous::service::client::{ClientError, ElasticClient, Views};
-use ferrun_launcher::rendezvous::service::{RendezvousService, Token};
+use ferrun_launcher::rendezvous::service::{RendezvousService, Tls, Token};
 use tonic::Code;
 
 /// Every wait in these tests is bounded by this; none should come near it.
@@ -26,7 +26,7 @@ fn settings(min: u32, max: u32, heartbeat: Duration) -> Settings {
 
 fn serve(settings: Settings, token: Option<Token>) -> RendezvousService {
     let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
-    RendezvousService::serve(listener, settings, token).expect("the service starts")
+    RendezvousService::serve(listener, settings, token, None).expect("the service starts")
 }
 
 fn node(name: &str, nproc: u32) -> NodeDesc {
@@ -40,7 +40,7 @@ fn node(name: &str, nproc: u32) -> NodeDesc {
 
 fn client(service: &RendezvousService, token: Option<&Token>, name: &str) -> ElasticClient {
     let endpoint = service.local_addr().to_string();
-    ElasticClient::new(&endpoint, token, "job-1", node(name, 2)).expect("a client")
+    ElasticClient::new(&endpoint, token, None, "job-1", node(name, 2)).expect("a client")
 }
 
 /// Waits (bounded) until the watched view satisfies `done`.
@@ -212,15 +212,15 @@ async fn malformed_calls_and_garbage_bytes_get_errors_and_the_service_keeps_serv
     raw.write_all(&[0xff; 4096]).expect("write");
     drop(raw);
     let endpoint = service.local_addr().to_string();
-    let bad_id =
-        ElasticClient::new(&endpoint, None, "job-1", node("a b/../../etc", 1)).expect("client");
+    let bad_id = ElasticClient::new(&endpoint, None, None, "job-1", node("a b/../../etc", 1))
+        .expect("client");
     let err = bad_id.join(1, 1, deadline).await.expect_err("bad id");
     assert!(err.to_string().contains("node id must be"), "{err}");
     let bad_run =
-        ElasticClient::new(&endpoint, None, &"r".repeat(200), node("a", 1)).expect("client");
+        ElasticClient::new(&endpoint, None, None, &"r".repeat(200), node("a", 1)).expect("client");
     let err = bad_run.join(1, 1, deadline).await.expect_err("long run id");
     assert!(err.to_string().contains("run id must be"), "{err}");
-    let zero = ElasticClient::new(&endpoint, None, "job-1", node("z", 0)).expect("client");
+    let zero = ElasticClient::new(&endpoint, None, None, "job-1", node("z", 0)).expect("client");
     let err = zero.join(1, 1, deadline).await.expect_err("no workers");
     assert!(err.to_string().contains("--nproc-per-node 0"), "{err}");
     let mut fine = client(&service, None, "fine");
@@ -238,11 +238,59 @@ async fn a_join_to_no_service_fails_at_the_deadline_naming_the_endpoint() {
         .expect("a free port")
         .port();
     let endpoint = format!("127.0.0.1:{port}");
-    let c = ElasticClient::new(&endpoint, None, "job-1", node("a", 1)).expect("client");
+    let c = ElasticClient::new(&endpoint, None, None, "job-1", node("a", 1)).expect("client");
     let err = c
         .join(1, 1, Instant::now() + Duration::from_millis(700))
         .await
         .expect_err("nothing listens");
     assert!(matches!(err, ClientError::Unreachable { .. }), "{err}");
     assert!(err.to_string().contains(&endpoint), "{err}");
+}
+
+/// A CA and a certificate signed by it for 127.0.0.1: `(ca_pem, cert_pem, key_pem)`.
+fn certificates() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("CA key")).expect("CA");
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("cert");
+    (
+        ca.pem().into_bytes(),
+        cert.pem().into_bytes(),
+        key.serialize_pem().into_bytes(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_node_with_the_ca_joins_and_one_without_it_is_refused() {
+    let (ca, cert, key) = certificates();
+    let server_tls = Tls::from_pem(Some((cert, key)), ca.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let service =
+        RendezvousService::serve(listener, settings(1, 2, BOUND), None, Some(&server_tls))
+            .expect("serves");
+    let endpoint = service.local_addr().to_string();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let with_ca = Tls::from_pem(None, ca);
+    let good =
+        ElasticClient::new(&endpoint, None, Some(&with_ca), "job-1", node("a", 1)).expect("client");
+    let view = good.join(1, 2, deadline).await.expect("joins over TLS");
+    assert!(
+        matches!(view.standing, Standing::Gathering { joined: 1 }),
+        "{view:?}"
+    );
+    // Another CA: the handshake fails, the node never gets in.
+    let (other_ca, _, _) = certificates();
+    let stranger_tls = Tls::from_pem(None, other_ca);
+    let stranger = ElasticClient::new(&endpoint, None, Some(&stranger_tls), "job-1", node("b", 1))
+        .expect("client");
+    let err = stranger.join(1, 2, deadline).await.expect_err("refused");
+    assert!(matches!(err, ClientError::Unreachable { .. }), "{err}");
+    // Plain text to a TLS service gets nowhere either.
+    let plain = ElasticClient::new(&endpoint, None, None, "job-1", node("c", 1)).expect("client");
+    plain.join(1, 2, deadline).await.expect_err("refused");
 }

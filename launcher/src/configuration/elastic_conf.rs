@@ -9,7 +9,7 @@ use crate::configuration::config::{ConfigError, Environment};
 use crate::configuration::flags::{parse_endpoint, seconds};
 use crate::rendezvous::elastic::ElasticSpec;
 use crate::rendezvous::round::Settings;
-use crate::rendezvous::service::{Token, TOKEN_ENV};
+use crate::rendezvous::service::{Tls, Token, TOKEN_ENV};
 
 /// torchrun's c10d port.
 const DEFAULT_PORT: u16 = 29400;
@@ -72,6 +72,7 @@ pub(crate) fn elastic_spec(
         is_host: value(conf, "is_host")
             .map(|v| ["1", "true", "True", "yes", "y", "t"].contains(&v)),
         token: token(conf, env)?,
+        tls: tls(conf)?,
         local_addr: args.local_addr.clone(),
         exit_timeout: seconds_or(conf, "exit_barrier_timeout", 300)?,
     }))
@@ -124,6 +125,24 @@ pub fn round_settings(
         heartbeat_timeout: keep_alive.saturating_mul(attempts),
     };
     Ok((settings, keep_alive))
+}
+
+/// TLS from `--rdzv-conf tls_ca=…` (and `tls_cert`, `tls_key` to serve); `None` without
+/// `tls_ca`.
+///
+/// # Errors
+/// A file that cannot be used, or a certificate without a CA to check it by.
+pub fn tls(conf: &[(String, String)]) -> Result<Option<Tls>, ConfigError> {
+    let path = |key: &str| value(conf, key).map(std::path::PathBuf::from);
+    match path("tls_ca") {
+        Some(ca) => Tls::load(path("tls_cert"), path("tls_key"), &ca)
+            .map(Some)
+            .map_err(ConfigError::RdzvValue),
+        None if path("tls_cert").is_some() || path("tls_key").is_some() => Err(ConfigError::RdzvValue(
+            "--rdzv-conf tls_cert/tls_key need tls_ca too: every node checks the host against that CA".into(),
+        )),
+        None => Ok(None),
+    }
 }
 
 /// The job's token: `--rdzv-conf token=…`, else [`TOKEN_ENV`].

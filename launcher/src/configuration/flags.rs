@@ -79,8 +79,11 @@ pub(crate) fn parse_rdzv_conf(value: &str) -> Result<Vec<(String, String)>, Conf
 }
 
 /// The `--rdzv-conf` keys torchrun's backends read, and ferrun's `exit_barrier_timeout`.
-const RDZV_KEYS: [&str; 13] = [
+const RDZV_KEYS: [&str; 16] = [
     "token",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
     "join_timeout",
     "timeout",
     "last_call_timeout",
@@ -108,7 +111,7 @@ pub(crate) fn check_rdzv_conf(conf: &[(String, String)]) -> Result<(), ConfigErr
                     return Err(bad("expected a boolean (true/false, 1/0)"));
                 }
             }
-            "store_type" | "token" => {}
+            "store_type" | "token" | "tls_cert" | "tls_key" | "tls_ca" => {}
             k if RDZV_KEYS.contains(&k) => {
                 if !value
                     .parse::<f64>()

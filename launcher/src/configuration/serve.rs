@@ -14,10 +14,10 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::configuration::config::{ConfigError, Environment};
-use crate::configuration::elastic_conf::{round_settings, token};
+use crate::configuration::elastic_conf::{round_settings, tls, token};
 use crate::configuration::flags::{check_rdzv_conf, parse_nnodes, parse_rdzv_conf};
 use crate::rendezvous::round::Settings;
-use crate::rendezvous::service::Token;
+use crate::rendezvous::service::{Tls, Token};
 
 /// `ferrun rendezvous serve`'s flags.
 #[derive(Debug, Parser)]
@@ -49,6 +49,8 @@ pub struct ServeConfig {
     pub settings: Settings,
     /// The job's token.
     pub token: Option<Token>,
+    /// TLS (`tls_cert`, `tls_key`, `tls_ca`).
+    pub tls: Option<Tls>,
     /// The agents' heartbeat interval (for the log).
     pub keep_alive: Duration,
 }
@@ -77,6 +79,7 @@ impl ServeConfig {
             listen,
             settings,
             token: token(&conf, env)?,
+            tls: tls(&conf)?,
             keep_alive,
         })
     }

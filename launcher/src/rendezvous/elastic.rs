@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::rendezvous::netif::{self, NetifError};
 use crate::rendezvous::round::{NodeId, Settings};
-use crate::rendezvous::service::{RendezvousService, ServiceError, Token};
+use crate::rendezvous::service::{RendezvousService, ServiceError, Tls, Token};
 
 /// Parameters of an elastic (`--nnodes MIN:MAX`, `--rdzv-backend c10d`) rendezvous.
 #[derive(Debug, Clone)]
@@ -40,6 +40,8 @@ pub struct ElasticSpec {
     pub is_host: Option<bool>,
     /// The job's token.
     pub token: Option<Token>,
+    /// TLS, when the job's `--rdzv-conf` names certificates.
+    pub tls: Option<Tls>,
     /// `--local-addr`.
     pub local_addr: Option<String>,
     /// Bound on the exit barrier.
@@ -90,7 +92,12 @@ impl ElasticSpec {
         let Some(listener) = listener else {
             return Ok(None);
         };
-        let service = RendezvousService::serve(listener, self.settings, self.token.clone())?;
+        let service = RendezvousService::serve(
+            listener,
+            self.settings,
+            self.token.clone(),
+            self.tls.as_ref(),
+        )?;
         tracing::info!("hosting the rendezvous on {}", service.local_addr());
         Ok(Some(service))
     }
@@ -178,6 +185,7 @@ mod tests {
             keep_alive: Duration::from_secs(1),
             is_host,
             token: None,
+            tls: None,
             local_addr: None,
             exit_timeout: Duration::from_secs(5),
         }

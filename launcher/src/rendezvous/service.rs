@@ -31,6 +31,7 @@ use crate::rendezvous::round::{NodeId, Rendezvous, RoundError, Settings, Standin
 
 mod auth;
 pub mod client;
+pub mod tls;
 pub mod wire;
 
 /// The generated gRPC code.
@@ -40,6 +41,7 @@ pub mod proto {
 }
 
 pub use auth::{Token, TOKEN_ENV};
+pub use tls::Tls;
 
 /// Largest message either side accepts.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -55,6 +57,12 @@ pub enum ServiceError {
     /// The listener could not be used.
     #[error("the rendezvous service cannot listen: {0}")]
     Listen(std::io::Error),
+    /// The TLS certificate or key is unusable.
+    #[error("the rendezvous service cannot use its TLS certificate and key: {0}")]
+    Tls(String),
+    /// TLS was asked for, but this node has no certificate to serve with.
+    #[error("the rendezvous uses TLS but this node has no certificate to serve it with: give --rdzv-conf tls_cert and tls_key, or is_host=false")]
+    NoCertificate,
 }
 
 struct Run {
@@ -157,15 +165,23 @@ pub struct RendezvousService {
 
 impl RendezvousService {
     /// Serves on `listener` every run that joins, each with `settings`; with a `token`, only
-    /// callers that present it.
+    /// callers that present it; with `tls`, over TLS only.
     ///
     /// # Errors
-    /// The listener cannot be handed to the runtime.
+    /// The listener cannot be handed to the runtime, or the TLS identity is unusable.
     pub fn serve(
         listener: std::net::TcpListener,
         settings: Settings,
         token: Option<Token>,
+        tls: Option<&Tls>,
     ) -> Result<Self, ServiceError> {
+        let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+        if let Some(tls) = tls {
+            let config = tls.server().ok_or(ServiceError::NoCertificate)?;
+            builder = builder
+                .tls_config(config)
+                .map_err(|e| ServiceError::Tls(e.to_string()))?;
+        }
         listener
             .set_nonblocking(true)
             .map_err(ServiceError::Listen)?;
@@ -188,8 +204,7 @@ impl RendezvousService {
         let (tx, rx) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             let incoming = TcpListenerStream::new(listener);
-            let result = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
+            let result = builder
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = rx.await;

@@ -86,7 +86,13 @@ pub async fn run(
         spec.endpoint(),
         node.id
     );
-    let client = ElasticClient::new(&spec.endpoint(), spec.token.as_ref(), &spec.run_id, node)?;
+    let client = ElasticClient::new(
+        &spec.endpoint(),
+        spec.token.as_ref(),
+        spec.tls.as_ref(),
+        &spec.run_id,
+        node,
+    )?;
     let deadline = Instant::now() + spec.settings.join_timeout;
     let (min, max) = (spec.settings.min_nodes, spec.settings.max_nodes);
     tokio::select! {

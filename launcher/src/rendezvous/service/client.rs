@@ -15,7 +15,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
-use super::{proto, wire, Token, MAX_MESSAGE};
+use super::{proto, wire, Tls, Token, MAX_MESSAGE};
 use crate::rendezvous::round::{NodeDesc, View};
 
 /// How long one call (other than the join and the watch) may take.
@@ -100,25 +100,34 @@ pub struct ElasticClient {
 pub type Views = watch::Receiver<Result<View, String>>;
 
 impl ElasticClient {
-    /// A client of the rendezvous at `endpoint` (`host:port`) for `node` in `run_id`; it
-    /// connects on first use.
+    /// A client of the rendezvous at `endpoint` (`host:port`) for `node` in `run_id`, over
+    /// TLS when `tls` is given; it connects on first use.
     ///
     /// # Errors
     /// The endpoint cannot make a URI.
     pub fn new(
         endpoint: &str,
         token: Option<&Token>,
+        tls: Option<&Tls>,
         run_id: &str,
         node: NodeDesc,
     ) -> Result<Self, ClientError> {
-        let channel = Endpoint::from_shared(format!("http://{endpoint}"))
-            .map_err(|e| ClientError::Endpoint {
-                endpoint: endpoint.to_owned(),
-                reason: e.to_string(),
-            })?
+        let unusable = |reason: String| ClientError::Endpoint {
+            endpoint: endpoint.to_owned(),
+            reason,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut channel = Endpoint::from_shared(format!("{scheme}://{endpoint}"))
+            .map_err(|e| unusable(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
+            channel = channel
+                .tls_config(tls.client(host))
+                .map_err(|e| unusable(e.to_string()))?;
+        }
+        let channel = channel.connect_lazy();
         let rpc = proto::rendezvous_client::RendezvousClient::with_interceptor(
             channel,
             Bearer(token.map(Token::header)),
