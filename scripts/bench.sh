@@ -13,6 +13,7 @@ export FERRUN_VENV="$(scripts/setup-python.sh)"
 cargo build --release --quiet -p ferrun-launcher -p ferrun-bench
 target/release/ferrun-bench launcher --anchors "$anchors" --runs 7
 target/release/ferrun-bench store
+target/release/ferrun-bench rendezvous
 mkdir -p bench/out
 target/release/ferrun-bench compare all_reduce --anchors "$anchors" --plot bench/out/all_reduce_busbw.png
 target/release/ferrun-bench compare all_reduce --anchors "$anchors" --two-hosts --plot bench/out/all_reduce_two_hosts_busbw.png

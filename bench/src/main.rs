@@ -12,6 +12,7 @@ mod launcher;
 mod link;
 mod peers;
 mod plot;
+mod rendezvous;
 mod stats;
 mod store;
 mod torch;
@@ -41,6 +42,8 @@ enum Command {
     Launcher(launcher::Options),
     /// The agent store under load: ferrun's server beside torch's TCPStore server.
     Store(store::Options),
+    /// The elastic rendezvous: 1,000 and 10,000 agents joining one round; a lost node.
+    Rendezvous(rendezvous::Options),
     /// A collective across the ranks ferrun launched, nccl-tests style (run it under ferrun).
     Collective(collective::Options),
     /// A collective beside Gloo (and OpenMPI where installed) in one invocation, with ratios.
@@ -68,6 +71,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Launcher(options) => launcher::run(&options),
+        Command::Rendezvous(options) => rendezvous::run(&options),
         Command::Store(options) => store::run(&options),
         Command::Collective(options) => collective::run(&options),
         Command::Compare(options) => compare::run(&options),

@@ -81,6 +81,8 @@ pub struct Rendezvous {
     previous_ranks: BTreeMap<NodeId, u32>,
     last_end: Option<RoundEnd>,
     revision: u64,
+    /// Moves with `revision`, except when only a gathering round's count of nodes changed.
+    major: u64,
 }
 
 impl Rendezvous {
@@ -109,12 +111,24 @@ impl Rendezvous {
             previous_ranks: BTreeMap::new(),
             last_end: None,
             revision: 0,
+            major: 0,
         }
     }
 
     /// Moves whenever any node's [`View`] may have changed (heartbeats alone do not move it).
     pub fn revision(&self) -> u64 {
         self.revision
+    }
+
+    /// Moves whenever a node's [`View`] changed in more than a gathering round's count of
+    /// joined nodes: what the service pushes on (a join must not wake every waiting node).
+    pub fn major_revision(&self) -> u64 {
+        self.major
+    }
+
+    fn changed(&mut self) {
+        self.revision += 1;
+        self.major += 1;
     }
 
     /// The current round.
@@ -157,17 +171,22 @@ impl Rendezvous {
                 last_heartbeat: now,
             },
         );
-        self.revision += 1;
         match (&self.phase, room) {
             (Phase::Gathering { .. }, true) => {
+                // Only the count of joined nodes changes for the others: no push to all.
+                self.revision += 1;
                 self.participants.insert(id);
                 self.after_gathering_change(now);
             }
             (Phase::Complete { .. }, true) => {
+                self.changed();
                 self.waiting.insert(0, id.clone());
                 self.end_round(now, RoundEnd::ScaleUp(id));
             }
-            _ => self.waiting.push(id),
+            _ => {
+                self.changed();
+                self.waiting.push(id);
+            }
         }
         Ok(())
     }
@@ -231,7 +250,7 @@ impl Rendezvous {
             return Err(RoundError::NotParticipant(id.clone()));
         }
         if self.ready.insert(id.clone()) && self.ready.len() == self.participants.len() {
-            self.revision += 1;
+            self.changed();
         }
         Ok(())
     }
@@ -251,7 +270,7 @@ impl Rendezvous {
         }
         if self.finished.insert(id.clone()) && self.finished.len() == self.participants.len() {
             self.phase = Phase::Finished;
-            self.revision += 1;
+            self.changed();
         }
         Ok(())
     }
@@ -262,7 +281,7 @@ impl Rendezvous {
         if self.open().is_err() || self.members.remove(id).is_none() {
             return;
         }
-        self.revision += 1;
+        self.changed();
         self.waiting.retain(|w| w != id);
         if self.participants.remove(id) {
             match self.phase {
@@ -276,7 +295,7 @@ impl Rendezvous {
     pub fn close(&mut self, reason: &str) {
         if self.open().is_ok() {
             self.phase = Phase::Closed(reason.to_owned());
-            self.revision += 1;
+            self.changed();
         }
     }
 
@@ -307,7 +326,7 @@ impl Rendezvous {
 
     fn drop_lost(&mut self, now: Duration, silent: &[NodeId]) {
         if !silent.is_empty() {
-            self.revision += 1;
+            self.changed();
             for id in silent {
                 self.members.remove(id);
             }
@@ -340,7 +359,7 @@ impl Rendezvous {
                 && since.is_some_and(|s| now >= s.saturating_add(self.settings.join_timeout))
             {
                 self.phase = Phase::TimedOut(self.participants.iter().cloned().collect());
-                self.revision += 1;
+                self.changed();
             }
         }
     }
@@ -492,7 +511,7 @@ impl Rendezvous {
         self.last_end = Some(end);
         self.finished.clear();
         self.ready.clear();
-        self.revision += 1;
+        self.changed();
         let room = (self.settings.max_nodes as usize).saturating_sub(self.participants.len());
         let carried = room.min(self.waiting.len());
         self.participants.extend(self.waiting.drain(..carried));
@@ -519,7 +538,7 @@ impl Rendezvous {
             places,
             world_size: base,
         };
-        self.revision += 1;
+        self.changed();
     }
 }
 

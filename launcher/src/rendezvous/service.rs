@@ -72,7 +72,7 @@ struct Run {
 
 impl Run {
     fn publish(&self) {
-        let revision = self.rdzv.revision();
+        let revision = self.rdzv.major_revision();
         self.revision.send_if_modified(|seen| {
             let changed = *seen != revision;
             *seen = revision;
@@ -185,6 +185,12 @@ impl RendezvousService {
         listener
             .set_nonblocking(true)
             .map_err(ServiceError::Listen)?;
+        // Every agent of a large job joins at once: past the standard backlog of 128 the
+        // kernel drops SYNs and each dropped agent waits a second to retry.
+        if let Err(e) = nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::MAXALLOWABLE)
+        {
+            tracing::debug!("kept the default listen backlog: {e}");
+        }
         let addr = listener.local_addr().map_err(ServiceError::Listen)?;
         let listener = tokio::net::TcpListener::from_std(listener).map_err(ServiceError::Listen)?;
         let shared = Arc::new(Shared {

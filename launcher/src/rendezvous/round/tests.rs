@@ -407,7 +407,8 @@ proptest! {
         let mut last_complete: Option<(u64, Vec<NodeId>)> = None;
         let mut terminal: Option<RoundError> = None;
         for op in ops {
-            let before = (r.round, r.restart_count, r.revision);
+            let op_seen = Some(op.clone());
+            let before = (r.round, r.restart_count, r.revision, r.major);
             let views: Vec<View> = ids.iter().map(|i| r.view(i)).collect();
             let mut ticked = false;
             match op {
@@ -437,10 +438,23 @@ proptest! {
             prop_assert!(r.round == before.0 || r.round == before.0 + 1);
             let failed = matches!(r.last_end, Some(RoundEnd::Failed { .. }));
             prop_assert!(r.restart_count == before.1 || (r.restart_count == before.1 + 1 && failed));
-            // Whoever's view changed was told: the revision moved.
+            // Whoever's view changed was told: the revision moved; and the major revision,
+            // unless only a gathering round's count changed.
             let changed = ids.iter().zip(&views).any(|(i, v)| &r.view(i) != v);
             prop_assert!(!changed || r.revision > before.2, "a view changed without a new revision");
             prop_assert!(r.revision >= before.2);
+            let count_free = |v: &View| match v.standing {
+                Standing::Gathering { .. } => View { standing: Standing::Gathering { joined: 0 }, ..v.clone() },
+                _ => v.clone(),
+            };
+            // (A joining node learns its own standing from the join's reply.)
+            let joiner = match op_seen { Some(Op::Join(n, _)) => Some(&ids[n]), _ => None };
+            let major = ids
+                .iter()
+                .zip(&views)
+                .filter(|(i, _)| Some(*i) != joiner)
+                .any(|(i, v)| count_free(&r.view(i)) != count_free(v));
+            prop_assert!(!major || r.major > before.3, "a view changed without a new major revision");
             // Over is over, with the same reason.
             if let Some(t) = &terminal {
                 prop_assert_eq!(r.over(), Some(t.clone()));

@@ -142,6 +142,15 @@ impl ElasticClient {
         })
     }
 
+    /// A client for another node over this one's connection (simulated agents, many to a
+    /// connection).
+    pub fn for_node(&self, node: NodeDesc) -> Self {
+        Self {
+            node,
+            ..self.clone()
+        }
+    }
+
     /// This node.
     pub fn node(&self) -> &NodeDesc {
         &self.node
