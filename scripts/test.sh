@@ -4,8 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The multi-host tests build hosts from network namespaces (iproute2; run as root, as CI does).
-if ! command -v ip >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq iproute2
+# The etcd rendezvous tests start a real etcd (Debian's etcd-server; nothing auto-starts).
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+command -v etcd >/dev/null || need+=(etcd-server)
+if [ "${#need[@]}" -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 export FERRUN_VENV="$(scripts/setup-python.sh)"
 # The trainer links the venv's libtorch.

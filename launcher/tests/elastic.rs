@@ -3,112 +3,11 @@
 
 mod support;
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::Receiver;
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 use ferrun_tests::netns::Hosts;
-use support::{ferrun, kill_all, run_child, stdout_lines, text, worker};
-
-/// Bound on every wait; the runs take a few seconds.
-const LIMIT: Duration = Duration::from_secs(90);
-
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// `ferrun` as one agent of an elastic job at `endpoint`; fast heartbeats (0.5 s × 2) and a
-/// 30 s join timeout unless `extra` gives its own `--rdzv-conf`.
-fn agent(nnodes: &str, endpoint: &str, extra: &[&str], script_args: &[&str]) -> Command {
-    let conf = if extra.contains(&"--rdzv-conf") {
-        &[][..]
-    } else {
-        &[
-            "--rdzv-conf",
-            "last_call_timeout=1,keep_alive_interval=0.5,keep_alive_max_attempt=2,join_timeout=30",
-        ][..]
-    };
-    let mut cmd = ferrun();
-    cmd.args(["--nnodes", nnodes, "--nproc-per-node", "1"])
-        .args([
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            endpoint,
-            "--rdzv-id",
-            "el",
-        ])
-        .args(conf)
-        .args(extra)
-        .arg(worker("elastic.py"))
-        .args(script_args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null());
-    cmd
-}
-
-struct Agent {
-    child: Option<Child>,
-    lines: Receiver<String>,
-    pid: i32,
-}
-
-impl Agent {
-    fn start(mut cmd: Command) -> Self {
-        let mut child = cmd.spawn().expect("spawn ferrun");
-        let lines = stdout_lines(&mut child);
-        let pid = i32::try_from(child.id()).expect("pid");
-        Self {
-            child: Some(child),
-            lines,
-            pid,
-        }
-    }
-
-    /// The next stdout line with `needle`; if the agent ends first, fails with its stderr.
-    fn wait_line(&mut self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + LIMIT;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(line) => seen.push(line),
-                Err(e) => {
-                    kill_all(&[self.pid]);
-                    let out = self.child.take().map(|c| run_child(c, LIMIT));
-                    let stderr = out.map(|o| text(&o).1).unwrap_or_default();
-                    panic!("no line with {needle:?} ({e}) after {seen:?}; the agent's stderr:\n{stderr}");
-                }
-            }
-        }
-    }
-
-    fn finish(mut self) -> Output {
-        run_child(self.child.take().expect("running"), LIMIT)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            kill_all(&[self.pid]);
-        }
-    }
-}
-
-fn succeeded(agent: Agent, what: &str) -> String {
-    let out = agent.finish();
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "{what}: {stdout}\n{stderr}");
-    stderr
-}
+use support::elastic::{agent, succeeded, Agent, LIMIT};
+use support::{ferrun, free_port, run_child, text, worker};
 
 #[test]
 fn a_failed_worker_restarts_every_node_into_a_new_round_counted_once() {

@@ -14,6 +14,7 @@
 //! - `tests/kubeflow.rs`: the KFP pipelines of `examples/kfp/` compiled and run with
 //!   kfp.local, the PyTorchJob their launcher step submits, and TrainJobs rendered as Trainer
 //!   v2 would and run by `ferrun-operator local`, their nodes running `ferrun`.
+//! - [`etcd`]: a real etcd on loopback or a namespaced host, for the etcd rendezvous tests.
 //! - [`netns`]: two hosts on one machine (network namespaces), for multi-host tests and the
 //!   cross-host benchmark.
 //!
@@ -24,6 +25,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
+pub mod etcd;
 pub mod netns;
 
 /// The `ferrun` binary of this build (next to this crate's test binaries).

@@ -252,7 +252,9 @@ impl LaunchConfig {
             };
             (addr, Some(port), args.rdzv_id.clone())
         } else {
-            parse_endpoint(&args.rdzv_endpoint)?;
+            if args.rdzv_backend == "c10d" {
+                parse_endpoint(&args.rdzv_endpoint)?;
+            }
             let addr = args
                 .local_addr
                 .clone()

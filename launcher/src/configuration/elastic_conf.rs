@@ -1,13 +1,14 @@
-//! `--nnodes MIN:MAX` with `--rdzv-backend c10d`: the flags and `--rdzv-conf` keys resolved
-//! into an [`ElasticSpec`], with torchrun's defaults (join 600 s, last call 30 s,
-//! keep-alive 5 s × 3, endpoint port 29400).
+//! `--nnodes MIN:MAX` with `--rdzv-backend c10d` or `etcd`: the flags and `--rdzv-conf` keys
+//! resolved into an [`ElasticSpec`], with torchrun's defaults (join 600 s, last call 30 s,
+//! keep-alive 5 s × 3, endpoint port 29400; etcd's 2379).
 
 use std::time::Duration;
 
 use crate::configuration::cli::Args;
 use crate::configuration::config::{ConfigError, Environment};
 use crate::configuration::flags::{parse_endpoint, seconds};
-use crate::rendezvous::elastic::ElasticSpec;
+use crate::rendezvous::elastic::{Backend, ElasticSpec};
+use crate::rendezvous::etcd;
 use crate::rendezvous::round::Settings;
 use crate::rendezvous::service::{Tls, Token, TOKEN_ENV};
 
@@ -37,23 +38,29 @@ pub(crate) fn elastic_spec(
             ));
         }
         "static" => return Ok(None),
-        "etcd" | "etcd-v2" => {
-            return Err(multi_node(
-                "the etcd backend, which ferrun does not have yet: use --rdzv-backend c10d",
-            ));
+        "c10d" | "etcd" | "etcd-v2" => {}
+        other => {
+            return Err(ConfigError::RdzvValue(format!(
+                "--rdzv-backend {other}: ferrun's elastic backends are c10d (its rendezvous service) and etcd (etcd v3; etcd-v2 is taken as the same)"
+            )));
         }
-        _ => {}
     }
     if args.standalone {
         return Err(multi_node("--standalone (a single-node mode)"));
     }
     if args.rdzv_endpoint.is_empty() {
         return Err(ConfigError::RdzvValue(format!(
-            "--nnodes {} with --rdzv-backend c10d needs --rdzv-endpoint host:port, the same on every node: the address of the node (or `ferrun rendezvous serve`) that hosts the rendezvous",
-            args.nnodes
+            "--nnodes {} with --rdzv-backend {} needs --rdzv-endpoint host:port, the same on every node: {}",
+            args.nnodes,
+            args.rdzv_backend,
+            if args.rdzv_backend == "c10d" {
+                "the address of the node (or `ferrun rendezvous serve`) that hosts the rendezvous"
+            } else {
+                "etcd's client address (host:port, or several, comma-separated)"
+            }
         )));
     }
-    let (host, port) = parse_endpoint(&args.rdzv_endpoint)?;
+    let (backend, host, port) = backend(args, conf)?;
     let plain = |c: char| c.is_ascii_alphanumeric() || "._-:@".contains(c);
     if args.rdzv_id.is_empty() || args.rdzv_id.len() > 128 || !args.rdzv_id.chars().all(plain) {
         return Err(ConfigError::RdzvValue(format!(
@@ -63,9 +70,10 @@ pub(crate) fn elastic_spec(
     }
     let (settings, keep_alive) = round_settings(conf, min_nodes, max_nodes)?;
     Ok(Some(ElasticSpec {
+        backend,
         settings,
         host,
-        port: port.unwrap_or(DEFAULT_PORT),
+        port,
         run_id: args.rdzv_id.clone(),
         local_world_size,
         keep_alive,
@@ -76,6 +84,36 @@ pub(crate) fn elastic_spec(
         local_addr: args.local_addr.clone(),
         exit_timeout: seconds_or(conf, "exit_barrier_timeout", 300)?,
     }))
+}
+
+/// The backend, and the host and port the agent routes to (the first etcd endpoint).
+fn backend(args: &Args, conf: &[(String, String)]) -> Result<(Backend, String, u16), ConfigError> {
+    if args.rdzv_backend == "c10d" {
+        let (host, port) = parse_endpoint(&args.rdzv_endpoint)?;
+        return Ok((Backend::Service, host, port.unwrap_or(DEFAULT_PORT)));
+    }
+    let mut endpoints = Vec::new();
+    for one in args.rdzv_endpoint.split(',').map(str::trim) {
+        if one.starts_with("https://") || value(conf, "protocol") == Some("https") {
+            return Err(ConfigError::RdzvValue(format!(
+                "--rdzv-endpoint {one}: ferrun's etcd backend speaks plain http for now; reach etcd over a trusted network or a local TLS proxy"
+            )));
+        }
+        let (host, port) = parse_endpoint(one.strip_prefix("http://").unwrap_or(one))?;
+        endpoints.push((host, port.unwrap_or(etcd::DEFAULT_PORT)));
+    }
+    let prefix = value(conf, "etcd_prefix").unwrap_or(etcd::DEFAULT_PREFIX);
+    if !prefix.starts_with('/') || prefix.len() > 256 || prefix.chars().any(char::is_whitespace) {
+        return Err(ConfigError::RdzvValue(format!(
+            "--rdzv-conf etcd_prefix={prefix:?}: give a key prefix that starts with / (at most 256 bytes, no spaces)"
+        )));
+    }
+    let (host, port) = endpoints[0].clone();
+    let backend = Backend::Etcd {
+        urls: etcd::urls(&endpoints),
+        prefix: prefix.to_owned(),
+    };
+    Ok((backend, host, port))
 }
 
 fn value<'a>(conf: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -230,5 +268,73 @@ mod tests {
             spec.token.is_some(),
             "the token comes from FERRUN_RDZV_TOKEN"
         );
+    }
+
+    fn spec_of(line: &[&str]) -> Result<super::ElasticSpec, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("train.py"), "").expect("write");
+        let (flavor, args) = parse(line.iter().copied()).map_err(|e| e.to_string())?;
+        LaunchConfig::from_args(flavor, &args, &Env(dir.path().into()))
+            .map_err(|e| e.to_string())
+            .map(|c| c.elastic.expect("elastic"))
+    }
+
+    #[test]
+    fn the_etcd_backends_take_several_endpoints_with_etcds_port_by_default() {
+        for name in ["etcd", "etcd-v2"] {
+            let line = [
+                "ferrun",
+                "--nnodes",
+                "1:3",
+                "--rdzv-backend",
+                name,
+                "--rdzv-endpoint",
+                "http://etcd-a:2479, etcd-b",
+                "--rdzv-id",
+                "job",
+                "--rdzv-conf",
+                "etcd_prefix=/team/jobs",
+                "train.py",
+            ];
+            let spec = spec_of(&line).expect("valid");
+            assert_eq!(
+                spec.backend,
+                super::Backend::Etcd {
+                    urls: vec!["http://etcd-a:2479".into(), "http://etcd-b:2379".into()],
+                    prefix: "/team/jobs".into(),
+                }
+            );
+            assert_eq!((spec.host.as_str(), spec.port), ("etcd-a", 2479));
+            assert!(spec.host_if_ours().expect("no hosting").is_none());
+        }
+    }
+
+    #[test]
+    fn etcd_settings_that_cannot_work_are_named() {
+        let line = |endpoint: &'static str, conf: &'static str| {
+            [
+                "ferrun",
+                "--nnodes",
+                "1:3",
+                "--rdzv-backend",
+                "etcd",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "job",
+                "--rdzv-conf",
+                conf,
+                "train.py",
+            ]
+        };
+        let err =
+            spec_of(&line("https://etcd:2379", "last_call_timeout=1")).expect_err("no TLS yet");
+        assert!(err.contains("plain http"), "{err}");
+        let err = spec_of(&line("etcd:2379", "etcd_prefix=relative")).expect_err("prefix");
+        assert!(err.contains("starts with /"), "{err}");
+        let mut other = line("etcd:2379", "last_call_timeout=1");
+        other[4] = "zookeeper";
+        let err = spec_of(&other).expect_err("unknown backend");
+        assert!(err.contains("c10d") && err.contains("etcd"), "{err}");
     }
 }

@@ -79,8 +79,10 @@ pub(crate) fn parse_rdzv_conf(value: &str) -> Result<Vec<(String, String)>, Conf
 }
 
 /// The `--rdzv-conf` keys torchrun's backends read, and ferrun's `exit_barrier_timeout`.
-const RDZV_KEYS: [&str; 16] = [
+const RDZV_KEYS: [&str; 18] = [
     "token",
+    "etcd_prefix",
+    "protocol",
     "tls_cert",
     "tls_key",
     "tls_ca",
@@ -111,7 +113,8 @@ pub(crate) fn check_rdzv_conf(conf: &[(String, String)]) -> Result<(), ConfigErr
                     return Err(bad("expected a boolean (true/false, 1/0)"));
                 }
             }
-            "store_type" | "token" | "tls_cert" | "tls_key" | "tls_ca" => {}
+            "store_type" | "token" | "tls_cert" | "tls_key" | "tls_ca" | "etcd_prefix"
+            | "protocol" => {}
             k if RDZV_KEYS.contains(&k) => {
                 if !value
                     .parse::<f64>()

@@ -21,9 +21,26 @@ use crate::rendezvous::netif::{self, NetifError};
 use crate::rendezvous::round::{NodeId, Settings};
 use crate::rendezvous::service::{RendezvousService, ServiceError, Tls, Token};
 
-/// Parameters of an elastic (`--nnodes MIN:MAX`, `--rdzv-backend c10d`) rendezvous.
+/// Which backend keeps the rounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// ferrun's rendezvous service (`c10d`), served by the endpoint's agent or by
+    /// `ferrun rendezvous serve`.
+    Service,
+    /// etcd v3 (`etcd`, `etcd-v2`).
+    Etcd {
+        /// etcd's client URLs.
+        urls: Vec<String>,
+        /// The key prefix runs live under.
+        prefix: String,
+    },
+}
+
+/// Parameters of an elastic (`--nnodes MIN:MAX`) rendezvous.
 #[derive(Debug, Clone)]
 pub struct ElasticSpec {
+    /// Who keeps the rounds.
+    pub backend: Backend,
     /// MIN, MAX and the timeouts.
     pub settings: Settings,
     /// The endpoint's host.
@@ -84,6 +101,9 @@ impl ElasticSpec {
     /// # Errors
     /// `is_host=true` and the endpoint cannot be bound, or the service cannot start.
     pub fn host_if_ours(&self) -> Result<Option<RendezvousService>, ElasticError> {
+        if self.backend != Backend::Service {
+            return Ok(None);
+        }
         let listener = match self.is_host {
             Some(false) => return Ok(None),
             Some(true) => Some(self.bind_endpoint(true)?),
@@ -171,6 +191,7 @@ mod tests {
 
     fn spec(host: &str, port: u16, is_host: Option<bool>) -> ElasticSpec {
         ElasticSpec {
+            backend: Backend::Service,
             settings: Settings {
                 min_nodes: 1,
                 max_nodes: 2,

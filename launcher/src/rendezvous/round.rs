@@ -419,6 +419,11 @@ impl Rendezvous {
         }
     }
 
+    /// Every node the rendezvous knows of: participants and waiting nodes.
+    pub fn members(&self) -> impl Iterator<Item = &NodeId> {
+        self.members.keys()
+    }
+
     /// The error a node's agent reports when the rendezvous is over; `None` while it is not.
     pub fn over(&self) -> Option<RoundError> {
         self.open().err()

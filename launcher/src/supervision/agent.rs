@@ -21,8 +21,8 @@ use tokio::task::JoinHandle;
 use crate::configuration::config::LaunchConfig;
 use crate::rendezvous::agent_store::{Peers, RemoteFailure, RendezvousError};
 use crate::rendezvous::elastic::ElasticError;
+use crate::rendezvous::member::MemberError;
 use crate::rendezvous::netif;
-use crate::rendezvous::service::client::ClientError;
 use crate::reports::logs::LogLayout;
 use crate::reports::report::{self, Failure, SummaryRow};
 use crate::supervision::decision::{self, AttemptEnd, Budget, Next, Verdict};
@@ -80,9 +80,9 @@ pub enum AgentError {
     /// This agent cannot take part in the elastic rendezvous.
     #[error(transparent)]
     ElasticSetup(#[from] ElasticError),
-    /// A call to the rendezvous service failed.
+    /// A call to the elastic rendezvous failed.
     #[error(transparent)]
-    ElasticCall(#[from] ClientError),
+    ElasticCall(#[from] MemberError),
     /// The elastic rendezvous ended without this node being placed.
     #[error("{0}")]
     Elastic(String),

@@ -1,5 +1,5 @@
-//! The agent of an elastic job (`--nnodes MIN:MAX`, `--rdzv-backend c10d`): rounds of the
-//! rendezvous service instead of one static assignment.
+//! The agent of an elastic job (`--nnodes MIN:MAX`, `--rdzv-backend c10d` or `etcd`): rounds
+//! of the rendezvous instead of one static assignment.
 //!
 //! # Expected flow
 //! Host the service if this host owns the endpoint; bind this agent's store (node 0's serves
@@ -23,8 +23,9 @@ use super::agent::{
 use crate::configuration::config::LaunchConfig;
 use crate::rendezvous::agent_store::Assignment;
 use crate::rendezvous::elastic::{node_id, ElasticSpec};
+use crate::rendezvous::member::Member;
 use crate::rendezvous::round::{NodeDesc, Placement, RoundEnd, RoundError, Standing, View};
-use crate::rendezvous::service::client::{ElasticClient, Views};
+use crate::rendezvous::service::client::Views;
 use crate::reports::logs::LogLayout;
 use crate::reports::report;
 use crate::supervision::decision::{self, AttemptEnd, Budget, MembershipChange, Next, Verdict};
@@ -86,22 +87,13 @@ pub async fn run(
         spec.endpoint(),
         node.id
     );
-    let client = ElasticClient::new(
-        &spec.endpoint(),
-        spec.token.as_ref(),
-        spec.tls.as_ref(),
-        &spec.run_id,
-        node,
-    )?;
+    let client = Member::new(spec, node).await?;
     let deadline = Instant::now() + spec.settings.join_timeout;
-    let (min, max) = (spec.settings.min_nodes, spec.settings.max_nodes);
     tokio::select! {
-        joined = client.join(min, max, deadline) => { joined?; }
+        joined = client.join(spec, deadline) => { joined?; }
         Some(sig) = signals.recv() => return Ok(RunResult::nothing_ran(Outcome::Signaled(sig), layout)),
     }
-    let (mut views, tasks) = client
-        .watch(spec.keep_alive, spec.settings.heartbeat_timeout)
-        .await?;
+    let (mut views, tasks) = client.watch(spec).await?;
     let result = rounds(config, spec, layout, signals, &client, &store, &mut views).await;
     for task in tasks {
         task.abort();
@@ -118,7 +110,7 @@ async fn placed(
     spec: &ElasticSpec,
     layout: &LogLayout,
     signals: &mut mpsc::UnboundedReceiver<Signal>,
-    client: &ElasticClient,
+    client: &Member,
     store: &StoreServer,
     views: &mut Views,
 ) -> Result<Result<(View, Placement), RunResult>, AgentError> {
@@ -167,9 +159,7 @@ async fn placed(
             Standing::Unknown => {
                 tracing::warn!("the rendezvous dropped this node (its heartbeats were late); joining again");
                 let deadline = Instant::now() + spec.settings.join_timeout;
-                client
-                    .join(spec.settings.min_nodes, spec.settings.max_nodes, deadline)
-                    .await?;
+                client.join(spec, deadline).await?;
             }
             Standing::Finished => {
                 return Ok(Err(RunResult::nothing_ran(Outcome::Succeeded, layout)));
@@ -210,7 +200,7 @@ async fn rounds(
     spec: &ElasticSpec,
     layout: &LogLayout,
     signals: &mut mpsc::UnboundedReceiver<Signal>,
-    client: &ElasticClient,
+    client: &Member,
     store: &StoreServer,
     views: &mut Views,
 ) -> Result<RunResult, AgentError> {
@@ -356,7 +346,7 @@ async fn rounds(
 /// other nodes to finish too, or for the round to end otherwise.
 async fn exit_barrier(
     spec: &ElasticSpec,
-    client: &ElasticClient,
+    client: &Member,
     views: &mut Views,
     signals: &mut mpsc::UnboundedReceiver<Signal>,
     round: u64,

@@ -8,6 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod elastic;
+
 /// The virtualenv with torch 2.13.0 that `scripts/setup-python.sh` installs.
 pub fn venv() -> PathBuf {
     ferrun_tests::venv()

@@ -128,16 +128,8 @@ fn rejects_bad_input_with_the_flag_named() {
             "needs --rdzv-endpoint host:port",
         ),
         (
-            &[
-                "--nnodes",
-                "1:2",
-                "--rdzv-backend",
-                "etcd",
-                "--rdzv-endpoint",
-                "h:1",
-                "train.py",
-            ],
-            "the etcd backend",
+            &["--nnodes", "1:2", "--rdzv-backend", "etcd", "train.py"],
+            "etcd's client address",
         ),
         (
             &[
