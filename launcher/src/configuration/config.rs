@@ -11,7 +11,7 @@ use nix::sys::signal::Signal;
 
 use crate::configuration::cli::{Args, Flavor};
 use crate::configuration::elastic_conf::elastic_spec;
-use crate::configuration::entrypoint::build_command;
+use crate::configuration::entrypoint::{build_command, warm_modules};
 use crate::configuration::flags::{
     check_rdzv_conf, comma_separated, parse_endpoint, parse_nnodes, parse_rdzv_conf, parse_signals,
     seconds,
@@ -75,6 +75,9 @@ pub enum ConfigError {
     /// Two flags that exclude each other.
     #[error("{0}")]
     Conflict(&'static str),
+    /// `--warm-start` cannot work with this command line.
+    #[error("--warm-start: {0}")]
+    WarmStart(String),
     /// The training script is not there.
     #[error("training script {path:?} does not exist (relative to {cwd}); check the path, or pass -m for a module")]
     ScriptMissing {
@@ -139,6 +142,8 @@ pub struct LaunchConfig {
     pub master_port: Option<u16>,
     /// The worker command: program then arguments, `${local_rank}` still unexpanded.
     pub command: Vec<std::ffi::OsString>,
+    /// `--warm-start`: the modules each pre-started interpreter imports (torch first).
+    pub warm_start: Option<Vec<String>>,
     /// The script's name, for the failure report's title.
     pub script_name: String,
     /// Output routing.
@@ -300,6 +305,7 @@ impl LaunchConfig {
             None
         };
         let (command, script_name) = build_command(flavor, args, env)?;
+        let warm_start = warm_modules(args)?;
         let output = OutputConfig {
             redirects: StdSpec::parse("--redirects", &args.redirects)?,
             tee: StdSpec::parse("--tee", &args.tee)?,
@@ -329,6 +335,7 @@ impl LaunchConfig {
             master_addr,
             master_port,
             command,
+            warm_start,
             script_name,
             output,
             log_dir: args.log_dir.clone(),

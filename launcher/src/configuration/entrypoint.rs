@@ -61,6 +61,56 @@ pub(crate) fn build_command(
     Ok((command, script))
 }
 
+/// Most modules `--warm-start-import` may list.
+const MAX_WARM_MODULES: usize = 64;
+
+/// The modules `--warm-start` interpreters import: torch, then `--warm-start-import`'s;
+/// `None` without `--warm-start`.
+pub(crate) fn warm_modules(args: &Args) -> Result<Option<Vec<String>>, ConfigError> {
+    if !args.warm_start {
+        if !args.warm_start_import.is_empty() {
+            return Err(ConfigError::WarmStart(
+                "--warm-start-import lists modules for --warm-start, which is off; add --warm-start".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    if args.no_python {
+        return Err(ConfigError::WarmStart(
+            "it pre-starts Python interpreters; a --no-python program cannot use them (drop one of the two)".into(),
+        ));
+    }
+    let identifier = |part: &str| {
+        part.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let mut modules = vec!["torch".to_owned()];
+    for name in args
+        .warm_start_import
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+    {
+        if !name.split('.').all(identifier) {
+            return Err(ConfigError::WarmStart(format!(
+                "--warm-start-import {name:?} is not a module name (dotted Python identifiers, e.g. numpy,transformers.models)"
+            )));
+        }
+        if !modules.iter().any(|m| m == name) {
+            modules.push(name.to_owned());
+        }
+    }
+    if modules.len() > MAX_WARM_MODULES {
+        return Err(ConfigError::WarmStart(format!(
+            "--warm-start-import lists {} modules; at most {MAX_WARM_MODULES}",
+            modules.len() - 1
+        )));
+    }
+    Ok(Some(modules))
+}
+
 /// torchrun's `--run-path`: run the script with `runpy.run_path` as `__main__`.
 const RUN_PATH_SHIM: &str =
     "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')";

@@ -27,6 +27,7 @@ use crate::reports::logs::LogLayout;
 use crate::reports::report::{self, Failure, SummaryRow};
 use crate::supervision::decision::{self, AttemptEnd, Budget, Next, Verdict};
 use crate::supervision::group::WorkerGroup;
+use crate::supervision::warm::WarmPool;
 use crate::supervision::worker::Bootstrap;
 
 /// How long worker output may stay open after the workers have exited (a grandchild may hold
@@ -124,8 +125,10 @@ pub async fn run(config: &LaunchConfig) -> Result<RunResult, AgentError> {
     let layout =
         LogLayout::create(config.log_dir.as_deref(), &config.run_id).map_err(AgentError::Logs)?;
     let mut signals = listen(&config.signals)?;
+    // Started first, so the interpreters import torch while the nodes come together.
+    let mut warm = WarmPool::start(config);
     if let Some(spec) = &config.elastic {
-        return super::elastic::run(config, spec, &layout, &mut signals).await;
+        return super::elastic::run(config, spec, &layout, &mut signals, warm.as_mut()).await;
     }
     let (mut topology, boot) = match &config.nodes {
         None => {
@@ -166,7 +169,14 @@ pub async fn run(config: &LaunchConfig) -> Result<RunResult, AgentError> {
             (Topology::Multi(Box::new(peers)), boot)
         }
     };
-    let result = attempts(config, &layout, &mut signals, &mut topology, &boot).await;
+    let result = attempts(
+        config,
+        &layout,
+        &mut signals,
+        (&mut topology, warm.as_mut()),
+        &boot,
+    )
+    .await;
     if let Topology::Multi(peers) = topology {
         (*peers).leave().await;
     }
@@ -177,7 +187,7 @@ async fn attempts(
     config: &LaunchConfig,
     layout: &LogLayout,
     signals: &mut mpsc::UnboundedReceiver<Signal>,
-    topology: &mut Topology,
+    (topology, mut warm): (&mut Topology, Option<&mut WarmPool>),
     boot: &Bootstrap,
 ) -> Result<RunResult, AgentError> {
     let mut restart_count = 0;
@@ -196,8 +206,14 @@ async fn attempts(
                 Some(sig) = signals.recv() => return Ok(RunResult::nothing_ran(Outcome::Signaled(sig), layout)),
             },
         };
-        let mut group = WorkerGroup::start(config, boot, restart_count, &attempt_dir)
-            .map_err(AgentError::Spawn)?;
+        let mut group = WorkerGroup::start(
+            config,
+            boot,
+            restart_count,
+            &attempt_dir,
+            warm.as_deref_mut(),
+        )
+        .map_err(AgentError::Spawn)?;
         tracing::debug!(attempt = restart_count, "workers started");
         let mut exit_order = Vec::new();
         let mut event = loop {

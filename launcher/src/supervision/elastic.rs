@@ -30,6 +30,7 @@ use crate::reports::logs::LogLayout;
 use crate::reports::report;
 use crate::supervision::decision::{self, AttemptEnd, Budget, MembershipChange, Next, Verdict};
 use crate::supervision::group::WorkerGroup;
+use crate::supervision::warm::WarmPool;
 use crate::supervision::worker::Bootstrap;
 
 /// How long the host keeps serving after the rendezvous is over, for the others to read it.
@@ -72,6 +73,7 @@ pub async fn run(
     spec: &ElasticSpec,
     layout: &LogLayout,
     signals: &mut mpsc::UnboundedReceiver<Signal>,
+    warm: Option<&mut WarmPool>,
 ) -> Result<RunResult, AgentError> {
     let service = spec.host_if_ours()?;
     let addr = spec.advertised_addr()?;
@@ -94,7 +96,15 @@ pub async fn run(
         Some(sig) = signals.recv() => return Ok(RunResult::nothing_ran(Outcome::Signaled(sig), layout)),
     }
     let (mut views, tasks) = client.watch(spec).await?;
-    let result = rounds(config, spec, layout, signals, &client, &store, &mut views).await;
+    let result = rounds(
+        config,
+        spec,
+        layout,
+        signals,
+        (&client, &store, &mut views),
+        warm,
+    )
+    .await;
     for task in tasks {
         task.abort();
     }
@@ -200,9 +210,8 @@ async fn rounds(
     spec: &ElasticSpec,
     layout: &LogLayout,
     signals: &mut mpsc::UnboundedReceiver<Signal>,
-    client: &Member,
-    store: &StoreServer,
-    views: &mut Views,
+    (client, store, views): (&Member, &StoreServer, &mut Views),
+    mut warm: Option<&mut WarmPool>,
 ) -> Result<RunResult, AgentError> {
     loop {
         let (view, placement) = match placed(spec, layout, signals, client, store, views).await? {
@@ -240,8 +249,14 @@ async fn rounds(
             .prepare_attempt(attempt, config.local_world_size)
             .map_err(AgentError::Logs)?;
         let restart_count = view.restart_count;
-        let mut group = WorkerGroup::start(config, &boot, restart_count, &attempt_dir)
-            .map_err(AgentError::Spawn)?;
+        let mut group = WorkerGroup::start(
+            config,
+            &boot,
+            restart_count,
+            &attempt_dir,
+            warm.as_deref_mut(),
+        )
+        .map_err(AgentError::Spawn)?;
         let mut exit_order = Vec::new();
         let mut event = loop {
             tokio::select! {

@@ -25,6 +25,7 @@ use crate::reports::exit::Exit;
 use crate::reports::logs::worker_files;
 use crate::reports::output::{self, Console, Duplicate, Sink};
 use crate::reports::report::Failure;
+use crate::supervision::warm::WarmPool;
 use crate::supervision::worker::{self, Bootstrap, Piped};
 
 /// When and how a worker ended.
@@ -99,7 +100,8 @@ pub struct WorkerGroup {
 
 impl WorkerGroup {
     /// Starts `local_world_size` workers for attempt `restart_count` in `attempt_dir`, placed as
-    /// `boot` says.
+    /// `boot` says: handed to `warm`'s pre-started interpreters where it has them (then
+    /// refilled for the next attempt), else started afresh.
     ///
     /// # Errors
     /// A worker cannot be started; those already started are killed before returning.
@@ -108,6 +110,7 @@ impl WorkerGroup {
         boot: &Bootstrap,
         restart_count: u32,
         attempt_dir: &Path,
+        mut warm: Option<&mut WarmPool>,
     ) -> io::Result<Self> {
         let (tx, exits) = mpsc::unbounded_channel();
         let mut group = Self {
@@ -133,12 +136,15 @@ impl WorkerGroup {
                 boot,
                 (local_rank, restart_count),
                 attempt_dir,
-                &duplicates,
+                (&duplicates, warm.as_deref_mut()),
                 &tx,
             ) {
                 group.kill_all();
                 return Err(e);
             }
+        }
+        if let Some(pool) = warm {
+            pool.refill(config);
         }
         Ok(group)
     }
@@ -149,7 +155,7 @@ impl WorkerGroup {
         boot: &Bootstrap,
         (local_rank, restart_count): (u32, u32),
         attempt_dir: &Path,
-        duplicates: &[Option<Duplicate>; 2],
+        (duplicates, warm): (&[Option<Duplicate>; 2], Option<&mut WarmPool>),
         tx: &mpsc::UnboundedSender<ExitEvent>,
     ) -> io::Result<()> {
         let [stdout_log, stderr_log, error_file] = worker_files(attempt_dir, local_rank);
@@ -185,15 +191,27 @@ impl WorkerGroup {
                 &duplicates[1],
             ),
         ];
-        let mut child = worker::spawn(
-            config,
-            &env,
-            &boot.extra_env,
-            Piped {
-                stdout: streams[0].2,
-                stderr: streams[1].2,
-            },
-        )?;
+        let piped = Piped {
+            stdout: streams[0].2,
+            stderr: streams[1].2,
+        };
+        let warm = match warm {
+            Some(pool) => {
+                let launch = worker::launch_of(config, &env, &boot.extra_env)?;
+                pool.activate(local_rank, &launch, &std::env::current_dir()?, piped)
+            }
+            None => None,
+        };
+        let mut child = match warm {
+            Some(Ok(child)) => child,
+            Some(Err(e)) => {
+                tracing::warn!(
+                    "warm start of local rank {local_rank} failed ({e}); starting it cold"
+                );
+                worker::spawn(config, &env, &boot.extra_env, piped)?
+            }
+            None => worker::spawn(config, &env, &boot.extra_env, piped)?,
+        };
         let pid = child.id().unwrap_or(0);
         let sink = |(to_file, console, _): (bool, bool, bool),
                     kind: Console,

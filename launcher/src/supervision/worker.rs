@@ -7,6 +7,7 @@
 //!   kernel kills the worker. The launcher must spawn from a thread that lives as long as it does
 //!   (the death signal follows the spawning *thread*): ferrun spawns from its main thread.
 
+use std::ffi::OsString;
 use std::io;
 use std::path::Path;
 use std::process::Stdio;
@@ -89,6 +90,58 @@ pub struct Piped {
     pub stderr: bool,
 }
 
+/// A worker's command line and the variables it gets on top of the launcher's environment.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The program (the Python interpreter, or the `--no-python` program).
+    pub program: OsString,
+    /// Its arguments, `${local_rank}` expanded.
+    pub args: Vec<OsString>,
+    /// The variables set on top of the launcher's own.
+    pub env: Vec<(OsString, OsString)>,
+}
+
+/// What local rank `env.local_rank` runs: [`spawn`] starts it, a warm start hands it over.
+///
+/// # Errors
+/// The command is empty.
+pub fn launch_of(
+    config: &LaunchConfig,
+    env: &WorkerEnv,
+    extra_env: &[(String, String)],
+) -> io::Result<Launch> {
+    let local_rank = env.local_rank.to_string();
+    // `${local_rank}` is expanded in arguments that are UTF-8; others pass through untouched.
+    let mut args = config.command.iter().map(|a| match a.to_str() {
+        Some(text) => OsString::from(text.replace(LOCAL_RANK_MACRO, &local_rank)),
+        None => a.clone(),
+    });
+    let program = args
+        .next()
+        .ok_or_else(|| io::Error::other("empty worker command"))?;
+    let mut vars: Vec<(OsString, OsString)> = extra_env
+        .iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+    vars.extend(env.to_env().into_iter().map(|(k, v)| (k.into(), v.into())));
+    vars.push((
+        crate::supervision::descendants::MARK.into(),
+        crate::supervision::descendants::mark_value().into(),
+    ));
+    if config.virtual_local_rank {
+        vars.push(("LOCAL_RANK".into(), "0".into()));
+        vars.push((
+            "CUDA_VISIBLE_DEVICES".into(),
+            visible_device(env.local_rank).into(),
+        ));
+    }
+    Ok(Launch {
+        program,
+        args: args.collect(),
+        env: vars,
+    })
+}
+
 /// Starts one worker.
 ///
 /// # Errors
@@ -99,29 +152,9 @@ pub fn spawn(
     extra_env: &[(String, String)],
     piped: Piped,
 ) -> io::Result<Child> {
-    let local_rank = env.local_rank.to_string();
-    // `${local_rank}` is expanded in arguments that are UTF-8; others pass through untouched.
-    let mut args = config.command.iter().map(|a| match a.to_str() {
-        Some(text) => std::ffi::OsString::from(text.replace(LOCAL_RANK_MACRO, &local_rank)),
-        None => a.clone(),
-    });
-    let program = args
-        .next()
-        .ok_or_else(|| io::Error::other("empty worker command"))?;
-    let mut command = Command::new(&program);
-    command
-        .args(args)
-        .envs(extra_env.iter().map(|(k, v)| (k, v)))
-        .envs(env.to_env())
-        .env(
-            crate::supervision::descendants::MARK,
-            crate::supervision::descendants::mark_value(),
-        );
-    if config.virtual_local_rank {
-        command
-            .env("LOCAL_RANK", "0")
-            .env("CUDA_VISIBLE_DEVICES", visible_device(env.local_rank));
-    }
+    let launch = launch_of(config, env, extra_env)?;
+    let mut command = Command::new(&launch.program);
+    command.args(&launch.args).envs(launch.env);
     let stdio = |pipe: bool| {
         if pipe {
             Stdio::piped()
@@ -137,7 +170,7 @@ pub fn spawn(
     bind_to_launcher(&mut command);
     command
         .spawn()
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot start {program:?}: {e}")))
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot start {:?}: {e}", launch.program)))
 }
 
 /// torchrun's `--virtual-local-rank`: the worker sees only its own GPU, as device 0.
@@ -151,8 +184,9 @@ fn visible_device(local_rank: u32) -> String {
     }
 }
 
+/// Binds a child to the launcher's life (see the module docs).
 #[allow(unsafe_code)]
-fn bind_to_launcher(command: &mut Command) {
+pub(crate) fn bind_to_launcher(command: &mut Command) {
     let launcher = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
     // system calls (prctl, getppid, _exit).
