@@ -204,7 +204,7 @@ fn time_restart(o: &Options, launcher: Launcher) -> anyhow::Result<Duration> {
 
 /// From `rank R attempt A pid P t=T` lines: the time from rank 1's failed attempt 0 to the
 /// last worker of attempt 1 running.
-fn restart_gap(stdout: &str, nproc: u32) -> anyhow::Result<Duration> {
+pub(crate) fn restart_gap(stdout: &str, nproc: u32) -> anyhow::Result<Duration> {
     let mut failed_at = None;
     let mut restarted = Vec::new();
     // torchrun's workers share its terminal unprefixed, so their lines can run into each other:

@@ -13,6 +13,7 @@ mod link;
 mod peers;
 mod plot;
 mod rendezvous;
+mod restart;
 mod stats;
 mod store;
 mod torch;
@@ -42,6 +43,8 @@ enum Command {
     Launcher(launcher::Options),
     /// The agent store under load: ferrun's server beside torch's TCPStore server.
     Store(store::Options),
+    /// torch workers restarted after a failure: torchrun, ferrun cold and ferrun --warm-start.
+    Restart(restart::Options),
     /// The elastic rendezvous: 1,000 and 10,000 agents joining one round; a lost node.
     Rendezvous(rendezvous::Options),
     /// A collective across the ranks ferrun launched, nccl-tests style (run it under ferrun).
@@ -72,6 +75,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Launcher(options) => launcher::run(&options),
         Command::Rendezvous(options) => rendezvous::run(&options),
+        Command::Restart(options) => restart::run(&options),
         Command::Store(options) => store::run(&options),
         Command::Collective(options) => collective::run(&options),
         Command::Compare(options) => compare::run(&options),
