@@ -15,6 +15,7 @@ target/release/ferrun-bench launcher --anchors "$anchors" --runs 7
 target/release/ferrun-bench store
 target/release/ferrun-bench rendezvous
 target/release/ferrun-bench restart --runs 2
+target/release/ferrun-bench lost-node --runs 2
 mkdir -p bench/out
 target/release/ferrun-bench compare all_reduce --anchors "$anchors" --plot bench/out/all_reduce_busbw.png
 target/release/ferrun-bench compare all_reduce --anchors "$anchors" --two-hosts --plot bench/out/all_reduce_two_hosts_busbw.png

@@ -10,6 +10,7 @@ mod collective;
 mod compare;
 mod launcher;
 mod link;
+mod lost_node;
 mod peers;
 mod plot;
 mod rendezvous;
@@ -43,6 +44,8 @@ enum Command {
     Launcher(launcher::Options),
     /// The agent store under load: ferrun's server beside torch's TCPStore server.
     Store(store::Options),
+    /// A host cut off mid-training: torchrun beside ferrun, the survivors' new round.
+    LostNode(lost_node::Options),
     /// torch workers restarted after a failure: torchrun, ferrun cold and ferrun --warm-start.
     Restart(restart::Options),
     /// The elastic rendezvous: 1,000 and 10,000 agents joining one round; a lost node.
@@ -76,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         Command::Launcher(options) => launcher::run(&options),
         Command::Rendezvous(options) => rendezvous::run(&options),
         Command::Restart(options) => restart::run(&options),
+        Command::LostNode(options) => lost_node::run(&options),
         Command::Store(options) => store::run(&options),
         Command::Collective(options) => collective::run(&options),
         Command::Compare(options) => compare::run(&options),

@@ -157,8 +157,28 @@ impl Hosts {
     }
 }
 
+impl Hosts {
+    /// SIGKILLs every process still running on the hosts (a hung peer's workers included).
+    pub fn kill_processes(&self) {
+        for name in &self.names {
+            let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() else {
+                continue;
+            };
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Hosts {
     fn drop(&mut self) {
+        self.kill_processes();
         for name in self.names.iter().chain(&self.switch) {
             let _ = Command::new("ip").args(["netns", "del", name]).output();
         }
