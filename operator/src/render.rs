@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, Pod, PodSpec, ResourceRequirements, Service, ServicePort, ServiceSpec,
+    Container, EnvVar, EnvVarSource, Pod, PodSpec, ResourceRequirements, SecretKeySelector,
+    Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -140,7 +141,39 @@ pub fn environment(job: &PyTorchJob, rtype: &str, index: i32) -> Vec<EnvVar> {
         // The training-operator writes "", which torchrun's int() parsing rejects.
         env.push(var("PET_STANDALONE", "1"));
     }
+    if let Some(secret) = token_secret(job) {
+        // The rendezvous token from the Secret, never in the pod spec itself.
+        env.push(EnvVar {
+            name: TOKEN_ENV.into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: secret.to_owned(),
+                    key: TOKEN_SECRET_KEY.into(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+        });
+    }
     env
+}
+
+/// The annotation naming the Secret whose [`TOKEN_SECRET_KEY`] holds the job's rendezvous
+/// token (ferrun's `FERRUN_RDZV_TOKEN`); the PyTorchJob schema has no field for it.
+pub const TOKEN_SECRET_ANNOTATION: &str = "ferrun.io/rdzv-token-secret";
+/// The key of the token in that Secret.
+pub const TOKEN_SECRET_KEY: &str = "token";
+/// The variable the launcher reads the token from.
+pub const TOKEN_ENV: &str = "FERRUN_RDZV_TOKEN";
+
+/// The Secret an elastic job names for its rendezvous token.
+pub fn token_secret(job: &PyTorchJob) -> Option<&str> {
+    job.metadata
+        .annotations
+        .as_ref()?
+        .get(TOKEN_SECRET_ANNOTATION)
+        .map(String::as_str)
 }
 
 /// Whether a container's command starts `ferrun`.

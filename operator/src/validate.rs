@@ -15,6 +15,20 @@ pub const MANAGERS: [&str; 2] = [
     "kueue.x-k8s.io/multikueue",
 ];
 
+/// RFC 1123 subdomain: what Secret names must be.
+fn is_dns1123_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            let b = label.as_bytes();
+            !b.is_empty()
+                && b.len() <= 63
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        })
+}
+
 /// Why a job cannot run: every problem found, each with its fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid PyTorchJob: {}", .0.join("; "))]
@@ -29,6 +43,14 @@ pub fn validate(job: &PyTorchJob) -> Result<(), Invalid> {
     let name = job.job_name();
     if !is_dns1035_label(name) {
         problems.push(format!("metadata.name {name:?} must be a DNS-1035 label: at most 63 lower-case letters, digits and '-', starting with a letter"));
+    }
+    if let Some(secret) = crate::render::token_secret(job) {
+        if !is_dns1123_subdomain(secret) {
+            problems.push(format!("metadata.annotations[{:?}] is {secret:?}: name a Secret (lower-case letters, digits, '-' and '.', at most 253)", crate::render::TOKEN_SECRET_ANNOTATION));
+        }
+        if job.spec.elastic_policy.is_none() {
+            problems.push(format!("metadata.annotations[{:?}] names a rendezvous token, but the job has no elasticPolicy (static jobs have no rendezvous service to guard); drop the annotation or add the policy", crate::render::TOKEN_SECRET_ANNOTATION));
+        }
     }
     let spec = &job.spec;
     if spec.pytorch_replica_specs.is_empty() {

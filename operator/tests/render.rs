@@ -278,6 +278,57 @@ spec:
     assert!(env.contains(&("PET_RDZV_BACKEND".into(), "etcd".into())));
 }
 
+#[test]
+fn an_elastic_job_naming_a_token_secret_gets_the_token_from_it() {
+    let mut job = job_with_elastic("minReplicas: 2");
+    job.metadata.annotations = Some(
+        [(
+            render::TOKEN_SECRET_ANNOTATION.to_owned(),
+            "rdzv-token".to_owned(),
+        )]
+        .into(),
+    );
+    let pod = render::pod(&job, "Worker", 1, &RenderOptions::default());
+    let spec = pod.spec.expect("spec");
+    let env = defaults::main_container(&spec.containers)
+        .and_then(|c| c.env.clone())
+        .expect("env");
+    let token = env
+        .iter()
+        .find(|v| v.name == "FERRUN_RDZV_TOKEN")
+        .expect("the token variable");
+    assert_eq!(token.value, None, "never the token itself in the pod spec");
+    let secret = token
+        .value_from
+        .as_ref()
+        .and_then(|f| f.secret_key_ref.as_ref())
+        .expect("from a Secret");
+    assert_eq!(
+        (secret.name.as_str(), secret.key.as_str()),
+        ("rdzv-token", "token")
+    );
+    assert!(ferrun_operator::validate::validate(&job).is_ok());
+    // A name no Secret can have, or a static job: named problems.
+    job.metadata.annotations = Some(
+        [(
+            render::TOKEN_SECRET_ANNOTATION.to_owned(),
+            "Bad_Name".to_owned(),
+        )]
+        .into(),
+    );
+    let err = ferrun_operator::validate::validate(&job)
+        .expect_err("bad name")
+        .to_string();
+    assert!(err.contains("name a Secret"), "{err}");
+    job.spec.elastic_policy = None;
+    job.metadata.annotations =
+        Some([(render::TOKEN_SECRET_ANNOTATION.to_owned(), "ok".to_owned())].into());
+    let err = ferrun_operator::validate::validate(&job)
+        .expect_err("static")
+        .to_string();
+    assert!(err.contains("no elasticPolicy"), "{err}");
+}
+
 fn job_with_elastic(policy: &str) -> PyTorchJob {
     job(&format!(
         "
