@@ -125,23 +125,40 @@ fn print_row(name: &str, samples: &[Vec<Duration>; 2]) {
 }
 
 fn command(o: &Options, launcher: Launcher, script: &str, extra: &[&str]) -> Command {
-    let mut cmd = match launcher {
-        Launcher::Torchrun => Command::new(o.venv.join("bin/torchrun")),
-        Launcher::Ferrun => Command::new(&o.ferrun),
+    let which = match launcher {
+        Launcher::Torchrun => 0,
+        Launcher::Ferrun => 1,
     };
-    let path = format!(
-        "{}:{}",
-        o.venv.join("bin").display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    cmd.env("PATH", path)
-        .env("LOGLEVEL", "ERROR")
+    let mut cmd = three_launchers(&o.venv, &o.ferrun, which);
+    cmd.env("LOGLEVEL", "ERROR")
         .env("RUST_LOG", "error")
         .args(["--standalone", "--nproc-per-node", &o.nproc.to_string()])
         .args(extra)
         .arg(o.anchors.join(script))
         .stdin(Stdio::null())
         .stderr(Stdio::null());
+    cmd
+}
+
+/// torchrun (0), ferrun (1) or ferrun `--warm-start` (2), with the venv first on `PATH`.
+pub(crate) fn three_launchers(
+    venv: &std::path::Path,
+    ferrun: &std::path::Path,
+    which: usize,
+) -> Command {
+    let mut cmd = match which {
+        0 => Command::new(venv.join("bin/torchrun")),
+        _ => Command::new(ferrun),
+    };
+    if which == 2 {
+        cmd.arg("--warm-start");
+    }
+    let path = format!(
+        "{}:{}",
+        venv.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    cmd.env("PATH", path);
     cmd
 }
 

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -54,18 +54,7 @@ fn agent(
     i: usize,
     which: usize,
 ) -> anyhow::Result<(Child, mpsc::Receiver<(u32, f64)>)> {
-    let mut cmd = match which {
-        0 => Command::new(o.venv.join("bin/torchrun")),
-        _ => Command::new(&o.ferrun),
-    };
-    if which == 2 {
-        cmd.arg("--warm-start");
-    }
-    let path = format!(
-        "{}:{}",
-        o.venv.join("bin").display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let mut cmd = crate::launcher::three_launchers(&o.venv, &o.ferrun, which);
     // Host 0 serves the rendezvous (torchrun cannot tell: the endpoint is no address its
     // hostname resolves to).
     let conf = format!(
@@ -73,8 +62,7 @@ fn agent(
         o.keep_alive,
         i == 0
     );
-    cmd.env("PATH", path)
-        .env("LOGLEVEL", if o.verbose { "INFO" } else { "ERROR" })
+    cmd.env("LOGLEVEL", if o.verbose { "INFO" } else { "ERROR" })
         .env("RUST_LOG", if o.verbose { "info" } else { "error" })
         // torchrun needs it named (the hosts share a hostname that maps to loopback).
         .env("GLOO_SOCKET_IFNAME", &hosts.ifnames[i])

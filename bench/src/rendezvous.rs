@@ -21,8 +21,7 @@ pub(crate) struct Options {
     /// Agents joining one round, per measurement.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     agents: Vec<usize>,
-    /// Rounds per agent count (connections of a round outlive it briefly; more rounds in one
-    /// process slow the later ones, see the README).
+    /// Rounds per agent count (each in a runtime of its own).
     #[arg(long, default_value_t = 1)]
     rounds: usize,
     /// Heartbeat interval for the lost-node measurement, in milliseconds (× 3 = the timeout).
@@ -204,48 +203,73 @@ async fn lose_one(heartbeat: Duration, kill: bool) -> anyhow::Result<Duration> {
     Ok(took)
 }
 
-pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
-    ensure!(o.rounds >= 1, "--rounds must be at least 1");
-    let fd_limit = ferrun_collective::store::server::raise_fd_limit();
+/// Runs one measurement in a runtime of its own: dropping it closes every connection and
+/// task of the measurement, so none slows the next (they outlive their round otherwise).
+fn measured<F: std::future::Future<Output = anyhow::Result<Duration>>>(
+    measurement: impl FnOnce() -> F,
+) -> anyhow::Result<Duration> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let took = runtime.block_on(measurement());
+    runtime.shutdown_timeout(Duration::from_secs(10));
+    took
+}
+
+pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
+    ensure!(o.rounds >= 1, "--rounds must be at least 1");
+    let fd_limit = ferrun_collective::store::server::raise_fd_limit();
     let heartbeat = Duration::from_millis(o.heartbeat_ms);
-    runtime.block_on(async {
-        println!(
-            "rendezvous benchmark: {} round(s) each, loopback; agents share connections only past the open-file limit ({fd_limit})",
-            o.rounds
+    println!(
+        "rendezvous benchmark: {} round(s) each, loopback; agents share connections only past the open-file limit ({fd_limit})",
+        o.rounds
+    );
+    println!(
+        "{:<52} {:>10} {:>10} {:>10} {:>8}",
+        "measurement", "min", "median", "max", "goal"
+    );
+    for &n in &o.agents {
+        let per_connection = agents_per_connection(n, fd_limit);
+        let mut samples = Vec::new();
+        for _ in 0..o.rounds {
+            samples.push(measured(|| join_round(n, per_connection))?);
+            eprint!(".");
+        }
+        let goal = if n <= 1000 { "≤ 1 s" } else { "≤ 5 s" };
+        let shared = if per_connection > 1 {
+            format!(" ({per_connection} a connection)")
+        } else {
+            String::new()
+        };
+        row(
+            &format!("{n} agents join{shared}: all know their rank"),
+            &samples,
+            goal,
         );
-        println!("{:<52} {:>10} {:>10} {:>10} {:>8}", "measurement", "min", "median", "max", "goal");
-        for &n in &o.agents {
-            let per_connection = agents_per_connection(n, fd_limit);
-            let mut samples = Vec::new();
-            for _ in 0..o.rounds {
-                samples.push(join_round(n, per_connection).await?);
-                eprint!(".");
-            }
-            let goal = if n <= 1000 { "≤ 1 s" } else { "≤ 5 s" };
-            let shared = if per_connection > 1 {
-                format!(" ({per_connection} a connection)")
-            } else {
-                String::new()
-            };
-            row(&format!("{n} agents join{shared}: all know their rank"), &samples, goal);
+    }
+    let timeout = heartbeat * 3;
+    for (kill, what) in [
+        (false, "silent (heartbeats stop)"),
+        (true, "killed (connection breaks)"),
+    ] {
+        let mut samples = Vec::new();
+        for _ in 0..o.rounds {
+            samples.push(measured(|| lose_one(heartbeat, kill))?);
+            eprint!(".");
         }
-        let timeout = heartbeat * 3;
-        for (kill, what) in [(false, "silent (heartbeats stop)"), (true, "killed (connection breaks)")] {
-            let mut samples = Vec::new();
-            for _ in 0..o.rounds {
-                samples.push(lose_one(heartbeat, kill).await?);
-                eprint!(".");
-            }
-            let goal = format!("≤ {:.1} s", (timeout + Duration::from_secs(1)).as_secs_f64());
-            row(&format!("1 of 8 {what} → survivors' new round"), &samples, &goal);
-        }
-        eprintln!();
-        println!("heartbeat timeout {:.1} s; torch's c10d rendezvous never notices a lost node (pytorch#111646)", timeout.as_secs_f64());
-        anyhow::Ok(())
-    })
+        let goal = format!(
+            "≤ {:.1} s",
+            (timeout + Duration::from_secs(1)).as_secs_f64()
+        );
+        row(
+            &format!("1 of 8 {what} → survivors' new round"),
+            &samples,
+            &goal,
+        );
+    }
+    eprintln!();
+    println!("heartbeat timeout {:.1} s; torch's c10d rendezvous never notices a lost node (pytorch#111646)", timeout.as_secs_f64());
+    Ok(())
 }
 
 fn row(name: &str, samples: &[Duration], goal: &str) {

@@ -42,20 +42,8 @@ const LAUNCHERS: [&str; 3] = ["torchrun", "ferrun cold", "ferrun --warm-start"];
 const EXITS: [(&str, bool); 2] = [("a crash (os._exit)", true), ("sys.exit(1)", false)];
 
 fn command(o: &Options, which: usize, hard: bool) -> Command {
-    let mut cmd = match which {
-        0 => Command::new(o.venv.join("bin/torchrun")),
-        _ => Command::new(&o.ferrun),
-    };
-    if which == 2 {
-        cmd.arg("--warm-start");
-    }
-    let path = format!(
-        "{}:{}",
-        o.venv.join("bin").display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    cmd.env("PATH", path)
-        .env("LOGLEVEL", "ERROR")
+    let mut cmd = crate::launcher::three_launchers(&o.venv, &o.ferrun, which);
+    cmd.env("LOGLEVEL", "ERROR")
         .env("RUST_LOG", "error")
         .args(["--standalone", "--nproc-per-node", &o.nproc.to_string()])
         .args(["--max-restarts", "1"])
