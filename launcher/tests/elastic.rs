@@ -6,7 +6,7 @@ mod support;
 use std::process::{Command, Stdio};
 
 use ferrun_tests::netns::Hosts;
-use support::elastic::{agent, succeeded, Agent, LIMIT};
+use support::elastic::{agent, lose_the_third, succeeded, Agent, LIMIT};
 use support::{ferrun, free_port, run_child, text, worker};
 
 #[test]
@@ -79,7 +79,7 @@ fn a_node_with_a_wrong_token_is_refused_and_the_others_run_on() {
 fn three_hosts_lose_one(lose: impl FnOnce(&Hosts, &Agent)) -> Agent {
     let hosts = Hosts::bridged(3).expect("three namespaced hosts");
     let endpoint = format!("{}:29400", hosts.addrs[0]);
-    let mut agents: Vec<Agent> = (0..3)
+    let agents: Vec<Agent> = (0..3)
         .map(|i| {
             let cmd = agent("2:3", &endpoint, &[], &["--exit-world", "2"]);
             let mut on = hosts.on(i, &cmd);
@@ -89,27 +89,13 @@ fn three_hosts_lose_one(lose: impl FnOnce(&Hosts, &Agent)) -> Agent {
             Agent::start(on)
         })
         .collect();
-    for a in &mut agents {
-        let line = a.wait_line("world 3");
-        assert!(
-            line.contains(&format!("master {}:", hosts.addrs[0])),
-            "{line}"
-        );
-    }
-    lose(&hosts, &agents[2]);
-    let lost = agents.pop().expect("three");
-    for a in &mut agents {
-        let line = a.wait_line("world 2");
-        assert!(
-            line.contains("restart 0"),
-            "a lost node is not a counted restart: {line}"
-        );
-    }
-    for a in agents {
-        let stderr = succeeded(a, "a survivor");
-        assert!(stderr.contains("lost node(s)"), "{stderr}");
-    }
-    lost
+    let master = format!("master {}:", hosts.addrs[0]);
+    lose_the_third(
+        &hosts,
+        agents,
+        |line| assert!(line.contains(&master), "{line}"),
+        lose,
+    )
 }
 
 #[test]

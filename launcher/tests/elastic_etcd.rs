@@ -6,7 +6,7 @@ mod support;
 
 use ferrun_tests::etcd::Etcd;
 use ferrun_tests::netns::Hosts;
-use support::elastic::{agent_of, succeeded, Agent, LIMIT};
+use support::elastic::{agent_of, lose_the_third, succeeded, Agent, LIMIT};
 use support::{free_port, run_child, text};
 
 /// Fast leases (1 s × 2, which etcd raises to its 2 s minimum) and a 15 s join timeout,
@@ -129,7 +129,7 @@ fn three_hosts_lose_one(lose: impl FnOnce(&Hosts, &Agent)) -> Agent {
     let hosts = Hosts::bridged(4).expect("four namespaced hosts");
     // A namespace of its own: etcd's usual ports are free there.
     let etcd = Etcd::start_with(&hosts.addrs[3], 2379, 2380, Some(&hosts.names[3])).expect("etcd");
-    let mut agents: Vec<Agent> = (0..3)
+    let agents: Vec<Agent> = (0..3)
         .map(|i| {
             let cmd = etcd_agent("2:3", &etcd.endpoint(), &["--exit-world", "2"]);
             let mut on = hosts.on(i, &cmd);
@@ -139,23 +139,7 @@ fn three_hosts_lose_one(lose: impl FnOnce(&Hosts, &Agent)) -> Agent {
             Agent::start(on)
         })
         .collect();
-    for a in &mut agents {
-        a.wait_line("world 3");
-    }
-    lose(&hosts, &agents[2]);
-    let lost = agents.pop().expect("three");
-    for a in &mut agents {
-        let line = a.wait_line("world 2");
-        assert!(
-            line.contains("restart 0"),
-            "a lost node is not a counted restart: {line}"
-        );
-    }
-    for a in agents {
-        let stderr = succeeded(a, "a survivor");
-        assert!(stderr.contains("lost node(s)"), "{stderr}");
-    }
-    lost
+    lose_the_third(&hosts, agents, |_| {}, lose)
 }
 
 #[test]

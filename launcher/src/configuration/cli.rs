@@ -240,7 +240,7 @@ pub struct Args {
     pub propagate_exit_code: bool,
 
     /// [ferrun] Keep one pre-started Python per local worker with torch imported, so a restart
-    /// skips `import torch` (costs one idle interpreter, ~0.3 GB, per local worker).
+    /// skips `import torch` (costs one idle interpreter, ~0.3 GB of its own, per local worker).
     #[arg(long = "warm-start", alias = "warm_start", env = "PET_WARM_START", action = ArgAction::SetTrue, value_parser = FalseyValueParser::new())]
     pub warm_start: bool,
 

@@ -368,17 +368,21 @@ async fn append(
         let tried = tokio::time::timeout(CALL_BOUND, client.txn(txn.clone())).await;
         let last = match tried {
             Ok(Ok(response)) => {
-                if response.succeeded() {
-                    return Ok(response.header().map_or(0, |h| h.revision()));
-                }
-                // An earlier try went through: its revision is the key's.
-                let existing = response.op_responses().into_iter().find_map(|r| match r {
-                    etcd_client::TxnOpResponse::Get(get) => {
-                        get.kvs().first().map(|kv| kv.create_revision())
-                    }
-                    _ => None,
-                });
-                return Ok(existing.unwrap_or(0));
+                // Written now: the answer's revision; written by an earlier try whose
+                // answer was lost: the key's. Either must be there (etcd always sends them).
+                let revision = if response.succeeded() {
+                    response.header().map(|h| h.revision())
+                } else {
+                    response.op_responses().into_iter().find_map(|r| match r {
+                        etcd_client::TxnOpResponse::Get(get) => {
+                            get.kvs().first().map(|kv| kv.create_revision())
+                        }
+                        _ => None,
+                    })
+                };
+                return revision
+                    .filter(|&r| r > 0)
+                    .ok_or_else(|| "etcd took the entry but said no revision for it".to_owned());
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {CALL_BOUND:?}"),

@@ -110,3 +110,32 @@ pub fn succeeded(agent: Agent, what: &str) -> String {
     assert!(out.status.success(), "{what}: {stdout}\n{stderr}");
     stderr
 }
+
+/// Three running agents of `--nnodes 2:3` on `hosts` (their workers run `elastic.py
+/// --exit-world 2`): each says it runs in a world of 3 (`check` reads that line), host 2 is
+/// lost (`lose`), and hosts 0 and 1 finish in a new round of two, not counted as a restart.
+/// Returns the lost host's agent.
+pub fn lose_the_third(
+    hosts: &ferrun_tests::netns::Hosts,
+    mut agents: Vec<Agent>,
+    check: impl Fn(&str),
+    lose: impl FnOnce(&ferrun_tests::netns::Hosts, &Agent),
+) -> Agent {
+    for a in &mut agents {
+        check(&a.wait_line("world 3"));
+    }
+    lose(hosts, &agents[2]);
+    let lost = agents.pop().expect("three");
+    for a in &mut agents {
+        let line = a.wait_line("world 2");
+        assert!(
+            line.contains("restart 0"),
+            "a lost node is not a counted restart: {line}"
+        );
+    }
+    for a in agents {
+        let stderr = succeeded(a, "a survivor");
+        assert!(stderr.contains("lost node(s)"), "{stderr}");
+    }
+    lost
+}

@@ -73,7 +73,9 @@ impl Follower {
             Ok(Err(e)) => return Ended::Broken(e.to_string()),
             Err(_) => return Ended::Broken(format!("no answer within {CALL_BOUND:?}")),
         };
-        let revision = snapshot.header().map_or(0, |h| h.revision());
+        let Some(revision) = snapshot.header().map(|h| h.revision()) else {
+            return Ended::Broken("etcd's answer had no revision".into());
+        };
         {
             let mut inner = lock(&self.inner);
             inner.replica = super::Replica::new();
@@ -119,6 +121,7 @@ impl Follower {
                     response.cancel_reason()
                 ));
             }
+            // Without a header the events' own revisions say how far this replica is.
             let mut latest = response.header().map_or(0, |h| h.revision());
             {
                 let mut inner = lock(&self.inner);
