@@ -291,3 +291,57 @@ fn agents_with_the_jobs_certificates_and_token_run_over_tls() {
         succeeded(a, "a node over TLS");
     }
 }
+
+/// A torch `TCPStore` client on `hosts[i]` connecting to `master` (`addr:port`): whether it
+/// got through the handshake.
+fn torch_store_reaches(hosts: &Hosts, i: usize, master: &str) -> bool {
+    let (addr, port) = master.rsplit_once(':').expect("addr:port");
+    let mut cmd = Command::new(support::venv().join("bin/python"));
+    cmd.args([
+        "-c",
+        "import datetime, sys, torch.distributed as d\n\
+         d.TCPStore(sys.argv[1], int(sys.argv[2]), is_master=False, \
+         timeout=datetime.timedelta(seconds=5), use_libuv=False)",
+        addr,
+        port,
+    ]);
+    let out = support::run(hosts.on(i, &cmd), LIMIT);
+    out.status.success()
+}
+
+#[test]
+fn with_a_token_the_rounds_store_serves_its_hosts_and_refuses_others() {
+    let hosts = Hosts::bridged(3).expect("three namespaced hosts");
+    let endpoint = format!("{}:29400", hosts.addrs[0]);
+    let release = tempfile::tempdir().expect("tempdir");
+    let done = release.path().join("done").display().to_string();
+    let mut agents: Vec<Agent> = (0..2)
+        .map(|i| {
+            let mut cmd = agent("2:2", &endpoint, &[], &["--exit-when", &done]);
+            cmd.env("FERRUN_RDZV_TOKEN", "store-job-token-0123456789");
+            let mut on = hosts.on(i, &cmd);
+            on.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .stdin(Stdio::null());
+            Agent::start(on)
+        })
+        .collect();
+    let line = agents[1].wait_line("placed");
+    let master = line.rsplit(' ').next().expect("master addr:port").to_owned();
+    assert!(master.starts_with(&hosts.addrs[0]), "{line}");
+    assert!(
+        torch_store_reaches(&hosts, 1, &master),
+        "a host of the round reaches its store with torch's client"
+    );
+    assert!(
+        !torch_store_reaches(&hosts, 2, &master),
+        "a host outside the round is refused"
+    );
+    std::fs::write(&done, "").expect("release the workers");
+    let mut stderrs = agents.drain(..).map(|a| succeeded(a, "a node"));
+    let host = stderrs.next().expect("node 0");
+    assert!(
+        host.contains(&format!("refused a connection from {}", hosts.addrs[2])),
+        "{host}"
+    );
+}

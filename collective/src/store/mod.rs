@@ -23,7 +23,7 @@ pub mod wire;
 
 pub use client::StoreClient;
 pub use kv::KeyValue;
-pub use server::{Limits, StoreServer};
+pub use server::{Admission, Limits, StoreServer};
 
 /// What went wrong with the store, naming the address involved.
 #[derive(Debug, thiserror::Error)]

@@ -24,8 +24,8 @@ use crate::reports::logs::{parse_ranks_filter, LogSpecError, StdSpec};
 /// A launch configuration that cannot work, said in the user's terms.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// `--nnodes` is not `N` or `MIN:MAX` with `0 < MIN <= MAX`.
-    #[error("--nnodes {0:?} is not valid: use N or MIN:MAX with 0 < MIN <= MAX (e.g. 2 or 1:4)")]
+    /// `--nnodes` is not `N` or `MIN:MAX` with `0 < MIN <= MAX <= 65536`.
+    #[error("--nnodes {0:?} is not valid: use N or MIN:MAX with 0 < MIN <= MAX <= 65536 (e.g. 2 or 1:4)")]
     Nnodes(String),
     /// A multi-node launch ferrun cannot do yet.
     #[error("--nnodes {nnodes} with {what}")]

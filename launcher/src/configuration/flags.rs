@@ -20,7 +20,7 @@ pub fn parse_nnodes(value: &str) -> Result<(u32, u32), ConfigError> {
         [min, max] => (int(min)?, int(max)?),
         _ => return Err(bad()),
     };
-    if min == 0 || min > max {
+    if min == 0 || min > max || max > crate::rendezvous::round::MAX_NODES {
         return Err(bad());
     }
     Ok((min, max))

@@ -17,7 +17,8 @@
 //!
 //! # Trust
 //! See [`log`]: entries are bounded and checked before replay. Access to the prefix is
-//! etcd's to guard (its users and TLS); the job's rendezvous token does not apply here.
+//! etcd's to guard (its users and TLS); the job's rendezvous token, if given, only narrows
+//! the round's agent store to the round's hosts (see `store_bind`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};

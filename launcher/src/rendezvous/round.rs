@@ -29,12 +29,13 @@
 //! overflow. No sequence of calls panics; a call that cannot apply is a [`RoundError`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 mod model;
 
 pub use model::{
-    NodeDesc, NodeId, Placement, RoundEnd, RoundError, Settings, Standing, View, MAX_NPROC,
+    NodeDesc, NodeId, Placement, RoundEnd, RoundError, Settings, Standing, View, MAX_NODES, MAX_NPROC,
     MAX_WAITING,
 };
 
@@ -50,6 +51,8 @@ enum Phase {
         ranks: Vec<NodeId>,
         places: BTreeMap<NodeId, (u32, u32)>,
         world_size: u32,
+        /// The nodes' addresses in rank order (shared by every view of node 0).
+        hosts: Arc<[String]>,
     },
     Finished,
     Closed(String),
@@ -408,7 +411,8 @@ impl Rendezvous {
                 ranks,
                 places,
                 world_size,
-            } => self.placement(id, ranks, places, *world_size),
+                hosts,
+            } => self.placement(id, ranks, places, *world_size, hosts),
         };
         View {
             round: self.round,
@@ -435,6 +439,7 @@ impl Rendezvous {
         ranks: &[NodeId],
         places: &BTreeMap<NodeId, (u32, u32)>,
         world_size: u32,
+        hosts: &Arc<[String]>,
     ) -> Standing {
         let Some(&(node_rank, base_rank)) = places.get(id) else {
             return Standing::Unknown;
@@ -448,6 +453,11 @@ impl Rendezvous {
             master_addr: master.map(|m| m.desc.addr.clone()).unwrap_or_default(),
             master_port: master.map_or(0, |m| m.desc.store_port),
             all_ready: self.ready.len() == ranks.len(),
+            hosts: if node_rank == 0 {
+                Arc::clone(hosts)
+            } else {
+                Arc::default()
+            },
         })
     }
 
@@ -538,10 +548,15 @@ impl Rendezvous {
             places.insert(id.clone(), (rank, base));
             base = base.saturating_add(self.members.get(id).map_or(0, |m| m.desc.nproc));
         }
+        let hosts = ranks
+            .iter()
+            .map(|id| self.members.get(id).map(|m| m.desc.addr.clone()).unwrap_or_default())
+            .collect();
         self.phase = Phase::Complete {
             ranks,
             places,
             world_size: base,
+            hosts,
         };
         self.changed();
     }

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
-use crate::rendezvous::round::{NodeId, Rendezvous, RoundError, Settings, Standing, View};
+use crate::rendezvous::round::{self, NodeId, Rendezvous, RoundError, Settings, Standing, View};
 
 mod auth;
 pub mod client;
@@ -43,8 +43,11 @@ pub mod proto {
 pub use auth::{Token, TOKEN_ENV};
 pub use tls::Tls;
 
-/// Largest message either side accepts.
+/// Largest request the service accepts from an agent.
 pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Largest view an agent accepts: node 0's names every node's address (up to
+/// [`round::MAX_NODES`] of [`wire::MAX_ADDR`] bytes each, and their framing).
+pub const MAX_VIEW: usize = MAX_MESSAGE + round::MAX_NODES as usize * (wire::MAX_ADDR + 3);
 /// Runs one service keeps at once (finished ones are dropped first to make room).
 pub const MAX_RUNS: usize = 1024;
 /// Gathering views (which differ only in the count of joined nodes) go to a node at most
@@ -204,7 +207,7 @@ impl RendezvousService {
             shared: shared.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+        .max_encoding_message_size(MAX_VIEW);
         let service =
             tonic::service::interceptor::InterceptedService::new(service, auth::check(token));
         let (tx, rx) = oneshot::channel::<()>();

@@ -3,8 +3,8 @@
 //!
 //! # Expected flow
 //! Host the service if this host owns the endpoint; bind this agent's store (node 0's serves
-//! the round's workers); join; watch. Per round: wait to be placed; node 0 clears its store;
-//! say ready; when every node is ready, start the workers with the round's ranks. The round
+//! the round's workers); join; watch. Per round: wait to be placed; node 0 clears its store
+//! (and, with a token, serves only the round's hosts); say ready; when every node is ready, start the workers with the round's ranks. The round
 //! ends when a worker here fails (tell the service: a counted restart everywhere), when the
 //! service pushes a new round (a failure elsewhere, a lost node, a scale-up), or on a signal;
 //! [`decision::next`] says what then. On success every node says so; the last one ends the
@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use ferrun_collective::store::StoreServer;
+use ferrun_collective::store::{Admission, StoreServer};
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
@@ -26,6 +26,7 @@ use crate::rendezvous::elastic::{node_id, ElasticSpec};
 use crate::rendezvous::member::Member;
 use crate::rendezvous::round::{NodeDesc, Placement, RoundEnd, RoundError, Standing, View};
 use crate::rendezvous::service::client::Views;
+use crate::rendezvous::store_bind;
 use crate::reports::logs::LogLayout;
 use crate::reports::report;
 use crate::supervision::decision::{self, AttemptEnd, Budget, MembershipChange, Next, Verdict};
@@ -77,7 +78,11 @@ pub async fn run(
 ) -> Result<RunResult, AgentError> {
     let service = spec.host_if_ours()?;
     let addr = spec.advertised_addr()?;
-    let store = crate::rendezvous::store_bind::bind_store(&addr, 0)?;
+    let store = store_bind::bind_store(&addr, 0)?;
+    if spec.token.is_some() {
+        // Until a round makes this node 0, its store serves nobody else.
+        store.admit(Admission::hosts([]));
+    }
     let node = NodeDesc {
         id: node_id(),
         addr,
@@ -150,6 +155,10 @@ async fn placed(
                     // round may be in it. Every node's old workers are stopped before it says
                     // ready, so none can write one after this.
                     store.clear();
+                }
+                if spec.token.is_some() {
+                    let hosts: &[String] = if p.node_rank == 0 { &p.hosts } else { &[] };
+                    store_bind::admit_round(store, hosts).await;
                 }
                 client.ready(view.round).await?;
                 said_ready = Some(view.round);

@@ -15,9 +15,10 @@
 //!   of file descriptors pauses accepting (logged once) instead of spinning.
 //!
 //! # Trust
-//! Anyone who reaches the port can read and write every key: the store has no authentication,
-//! like torch's. It binds what the job needs (loopback for one node), and trusts no length,
-//! count or opcode a client sends.
+//! By default anyone who reaches the port can read and write every key, as with torch's
+//! store. It binds what the job needs (loopback for one node); [`StoreServer::admit`] narrows
+//! who is served to loopback and named hosts ([`Admission`], judged on each connection's
+//! source address when it is accepted). It trusts no length, count or opcode a client sends.
 //!
 //! # Caveats
 //! A connection that breaks the protocol (bad magic, unknown opcode, oversized field) is
@@ -25,9 +26,10 @@
 //! beyond the protocol's per-value limit.
 
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::sync::{Arc, Mutex, MutexGuard};
-
-use std::sync::atomic::Ordering;
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -35,9 +37,11 @@ use tokio::sync::{oneshot, Semaphore};
 
 use super::StoreError;
 
+mod admission;
 mod connection;
 mod state;
 
+pub use admission::Admission;
 use connection::{connection, Budget};
 use state::State;
 
@@ -95,6 +99,9 @@ struct Shared {
     state: Mutex<State>,
     /// Bytes buffered by all connections together.
     budget: Budget,
+    admission: RwLock<Admission>,
+    /// Connections closed at once because their host was not admitted.
+    refused: AtomicU64,
 }
 
 impl Shared {
@@ -104,6 +111,13 @@ impl Shared {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn admits(&self, ip: IpAddr) -> bool {
+        self.admission
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admits(ip)
     }
 }
 
@@ -144,6 +158,8 @@ impl StoreServer {
         let shared = Arc::new(Shared {
             state: Mutex::default(),
             budget: Budget::new(limits.memory),
+            admission: RwLock::default(),
+            refused: AtomicU64::new(0),
         });
         let (stop, stopped) = oneshot::channel();
         let serving = Arc::clone(&shared);
@@ -217,6 +233,21 @@ impl StoreServer {
         self.shared.budget.used.load(Ordering::Acquire)
     }
 
+    /// Serves only the connections `admission` admits from now on (connections already open
+    /// stay open).
+    pub fn admit(&self, admission: Admission) {
+        *self
+            .shared
+            .admission
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = admission;
+    }
+
+    /// Connections closed at accept because their host was not admitted.
+    pub fn refused_connections(&self) -> u64 {
+        self.shared.refused.load(Ordering::Acquire)
+    }
+
     /// Whether the store holds no key.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -248,6 +279,8 @@ async fn serve(
     // Said once a minute at most: a full server must not flood the log.
     let mut full_said: Option<std::time::Instant> = None;
     let mut refused = 0u64;
+    // Hosts whose refusal was logged: each once, and at most a few, so a scan cannot flood it.
+    let mut strangers_said: HashSet<IpAddr> = HashSet::new();
     loop {
         // A slot first: at the cap, new clients wait in the kernel's backlog.
         let slot = match Arc::clone(&slots).try_acquire_owned() {
@@ -279,6 +312,18 @@ async fn serve(
                 if refused > 0 {
                     tracing::warn!("store server: accepting again after {refused} failed accepts (out of file descriptors)");
                     refused = 0;
+                }
+                if !shared.admits(peer.ip()) {
+                    shared.refused.fetch_add(1, Ordering::AcqRel);
+                    let ip = peer.ip().to_canonical();
+                    if strangers_said.len() < 16 && strangers_said.insert(ip) {
+                        tracing::warn!(
+                            "store server: refused a connection from {ip}: not a host of the \
+                             job's current round (with a rendezvous token, only hosts the \
+                             rendezvous admitted may use the store)"
+                        );
+                    }
+                    continue;
                 }
                 let _ = stream.set_nodelay(true);
                 let shared = Arc::clone(&shared);

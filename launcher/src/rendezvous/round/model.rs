@@ -1,10 +1,13 @@
 //! What goes into the rendezvous and what each node is told: node descriptors, settings,
 //! views, and the errors of calls that cannot apply.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Nodes that may wait beyond MAX at once; more joins are refused (a flood, not a job).
 pub const MAX_WAITING: usize = 65_536;
+/// Most nodes a round may have (`--nnodes` MAX).
+pub const MAX_NODES: u32 = 65_536;
 /// Workers one node may declare.
 pub const MAX_NPROC: u32 = 65_536;
 
@@ -88,6 +91,9 @@ pub struct Placement {
     pub master_port: u16,
     /// Every node of the round is ready: start the workers.
     pub all_ready: bool,
+    /// For node 0 (which serves the round's store): every node's address in rank order, the
+    /// hosts its store admits when the job has a token. Empty for the other nodes.
+    pub hosts: Arc<[String]>,
 }
 
 /// A node's standing in the rendezvous.

@@ -326,8 +326,11 @@ fn check(r: &Rendezvous, now: Duration, ticked: bool) -> Result<(), TestCaseErro
             ranks,
             places,
             world_size,
+            hosts,
         } => {
             prop_assert!((min..=max).contains(&ranks.len()));
+            let addrs: Vec<&String> = ranks.iter().map(|id| &r.members[id].desc.addr).collect();
+            prop_assert_eq!(hosts.iter().collect::<Vec<_>>(), addrs, "node 0 admits the round's hosts");
             prop_assert_eq!(
                 ranks.iter().collect::<BTreeSet<_>>(),
                 r.participants.iter().collect()
@@ -346,6 +349,7 @@ fn check(r: &Rendezvous, now: Duration, ticked: bool) -> Result<(), TestCaseErro
                 prop_assert_eq!(p.node_rank as usize, rank);
                 prop_assert_eq!(p.world_size, base);
                 prop_assert_eq!(&p.master_addr, &r.members[&ranks[0]].desc.addr);
+                prop_assert_eq!(p.hosts.len(), if rank == 0 { ranks.len() } else { 0 });
             }
         }
         Phase::Gathering {

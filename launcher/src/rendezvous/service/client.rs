@@ -15,7 +15,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
-use super::{proto, wire, Tls, Token, MAX_MESSAGE};
+use super::{proto, wire, Tls, Token, MAX_MESSAGE, MAX_VIEW};
 use crate::rendezvous::round::{NodeDesc, View};
 
 /// How long one call (other than the join and the watch) may take.
@@ -132,7 +132,7 @@ impl ElasticClient {
             channel,
             Bearer(token.map(Token::header)),
         )
-        .max_decoding_message_size(MAX_MESSAGE)
+        .max_decoding_message_size(MAX_VIEW)
         .max_encoding_message_size(MAX_MESSAGE);
         Ok(Self {
             rpc,

@@ -105,6 +105,7 @@ pub fn view_out(view: &View) -> proto::View {
             master_addr: p.master_addr.clone(),
             master_port: u32::from(p.master_port),
             all_ready: p.all_ready,
+            hosts: p.hosts.to_vec(),
         }),
         Standing::Waiting => S::Waiting(proto::Empty {}),
         Standing::Unknown => S::Unknown(proto::Empty {}),
@@ -153,6 +154,13 @@ pub fn view_in(view: proto::View) -> Result<View, String> {
                     p.node_rank, p.nnodes, p.base_rank, p.world_size
                 ));
             }
+            let hosts_expected = if p.node_rank == 0 { p.nnodes as usize } else { 0 };
+            if p.hosts.len() != hosts_expected || p.hosts.iter().any(|h| h.len() > MAX_ADDR) {
+                return Err(format!(
+                    "placement of node {} of {} names {} hosts (expected {hosts_expected}, each at most {MAX_ADDR} bytes)",
+                    p.node_rank, p.nnodes, p.hosts.len()
+                ));
+            }
             Standing::Assigned(Placement {
                 node_rank: p.node_rank,
                 nnodes: p.nnodes,
@@ -161,6 +169,7 @@ pub fn view_in(view: proto::View) -> Result<View, String> {
                 master_addr: p.master_addr,
                 master_port,
                 all_ready: p.all_ready,
+                hosts: p.hosts.into(),
             })
         }
         Some(S::Waiting(_)) => Standing::Waiting,
@@ -188,4 +197,46 @@ pub fn view_in(view: proto::View) -> Result<View, String> {
         last_end,
         waiting: view.waiting_nodes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assigned(node_rank: u32, hosts: &[&str]) -> proto::View {
+        proto::View {
+            round: 1,
+            standing: Some(proto::view::Standing::Assigned(proto::Placement {
+                node_rank,
+                nnodes: 2,
+                base_rank: node_rank,
+                world_size: 2,
+                master_addr: "10.0.0.1".into(),
+                master_port: 29500,
+                all_ready: true,
+                hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn node_0_is_told_every_hosts_address_and_the_others_none() {
+        let view = view_in(assigned(0, &["10.0.0.1", "10.0.0.2"])).expect("node 0's view");
+        let Standing::Assigned(p) = &view.standing else {
+            panic!("{view:?}")
+        };
+        assert_eq!(&*p.hosts, ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(view_in(view_out(&view)).expect("round trip"), view);
+        assert!(view_in(assigned(1, &[])).is_ok());
+        let long = "h".repeat(MAX_ADDR + 1);
+        for bad in [
+            assigned(0, &["10.0.0.1"]),
+            assigned(1, &["10.0.0.1", "10.0.0.2"]),
+            assigned(0, &["10.0.0.1", &long]),
+        ] {
+            let why = view_in(bad).expect_err("refused");
+            assert!(why.contains("hosts"), "{why}");
+        }
+    }
 }
