@@ -258,26 +258,14 @@ fn a_bad_serve_command_line_names_the_fix() {
 
 #[test]
 fn agents_with_the_jobs_certificates_and_token_run_over_tls() {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("CA");
-    let key = KeyPair::generate().expect("key");
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .expect("params")
-        .signed_by(&key, &ca)
-        .expect("cert");
-    let file = |name: &str, pem: String| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, pem).expect("write");
-        path.display().to_string()
-    };
+    let pki = support::pki::Pki::new(dir.path(), "job");
+    let (cert, key) = pki.issue("127.0.0.1");
     let conf = format!(
         "last_call_timeout=1,tls_ca={},tls_cert={},tls_key={}",
-        file("ca.pem", ca.pem()),
-        file("cert.pem", cert.pem()),
-        file("key.pem", key.serialize_pem())
+        pki.ca.display(),
+        cert.display(),
+        key.display()
     );
     let endpoint = format!("127.0.0.1:{}", free_port());
     let agents: Vec<Agent> = (0..2)
@@ -327,7 +315,11 @@ fn with_a_token_the_rounds_store_serves_its_hosts_and_refuses_others() {
         })
         .collect();
     let line = agents[1].wait_line("placed");
-    let master = line.rsplit(' ').next().expect("master addr:port").to_owned();
+    let master = line
+        .rsplit(' ')
+        .next()
+        .expect("master addr:port")
+        .to_owned();
     assert!(master.starts_with(&hosts.addrs[0]), "{line}");
     assert!(
         torch_store_reaches(&hosts, 1, &master),

@@ -157,3 +157,58 @@ fn three_hosts_on_etcd_go_on_without_one_whose_link_was_cut() {
     assert!(!out.status.success(), "{stdout}\n{stderr}");
     assert!(stderr.contains("lost the etcd rendezvous"), "{stderr}");
 }
+
+#[test]
+fn over_tls_nodes_with_the_jobs_certificates_run_and_others_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = support::pki::Pki::new(dir.path(), "etcd");
+    let (cert, key) = pki.issue("127.0.0.1");
+    let (client_cert, client_key) = pki.issue("localhost");
+    let etcd = Etcd::start_tls(ferrun_tests::etcd::EtcdTls {
+        cert,
+        key,
+        client_ca: pki.ca.clone(),
+    })
+    .expect("etcd over TLS");
+    let endpoint = format!("https://{}", etcd.endpoint());
+    // torchrun's names for the files: cacert, cert, key.
+    let with = |conf: String| {
+        agent_of(
+            "etcd",
+            "2:2",
+            &endpoint,
+            &["--rdzv-conf", &format!("last_call_timeout=1,{conf}")],
+            &[],
+        )
+    };
+    let files = format!(
+        "join_timeout=30,cacert={},cert={},key={}",
+        pki.ca.display(),
+        client_cert.display(),
+        client_key.display()
+    );
+    let agents: Vec<Agent> = (0..2).map(|_| Agent::start(with(files.clone()))).collect();
+    for a in agents {
+        succeeded(a, "a node over TLS");
+    }
+    let stranger = support::pki::Pki::new(dir.path(), "stranger");
+    for (conf, who) in [
+        (
+            format!("join_timeout=2,cacert={}", pki.ca.display()),
+            "a node without a client certificate",
+        ),
+        (
+            format!("join_timeout=2,cacert={}", stranger.ca.display()),
+            "a node that does not trust etcd's CA",
+        ),
+    ] {
+        let out = run_child(with(conf).spawn().expect("spawn"), LIMIT);
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "{who}: {stdout}\n{stderr}");
+        assert!(stderr.contains(&etcd.endpoint()), "{who}: {stderr}");
+        assert!(
+            stderr.contains("the TLS handshake failed"),
+            "{who}: {stderr}"
+        );
+    }
+}

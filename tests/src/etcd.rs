@@ -18,6 +18,18 @@ pub struct Etcd {
     client_port: u16,
     peer_port: u16,
     netns: Option<String>,
+    tls: Option<EtcdTls>,
+}
+
+/// PEM files for an etcd that serves its clients over TLS and checks their certificates.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// Its certificate (for the host it listens on).
+    pub cert: std::path::PathBuf,
+    /// Its key.
+    pub key: std::path::PathBuf,
+    /// The CA its clients' certificates must be signed by.
+    pub client_ca: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -43,6 +55,26 @@ impl Etcd {
         Self::start_with("127.0.0.1", client, peer, None)
     }
 
+    /// etcd on loopback over TLS (`https://`), admitting only clients with a certificate of
+    /// `tls.client_ca`.
+    ///
+    /// # Errors
+    /// etcd is not installed, or did not come up (its last words).
+    pub fn start_tls(tls: EtcdTls) -> Result<Self, String> {
+        let data = tempfile::tempdir().map_err(|e| format!("no data dir: {e}"))?;
+        let mut etcd = Self {
+            child: None,
+            data,
+            host: "127.0.0.1".into(),
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            netns: None,
+            tls: Some(tls),
+        };
+        etcd.spawn()?;
+        Ok(etcd)
+    }
+
     /// etcd on `host`'s address with these ports, in network namespace `netns` when given (a
     /// namespaced host's).
     ///
@@ -62,6 +94,7 @@ impl Etcd {
             client_port,
             peer_port,
             netns: netns.map(str::to_owned),
+            tls: None,
         };
         etcd.spawn()?;
         Ok(etcd)
@@ -73,7 +106,8 @@ impl Etcd {
     }
 
     fn spawn(&mut self) -> Result<(), String> {
-        let client = format!("http://{}:{}", self.host, self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://{}:{}", self.host, self.client_port);
         let peer = format!("http://{}:{}", self.host, self.peer_port);
         let mut cmd = match &self.netns {
             Some(ns) => {
@@ -91,6 +125,15 @@ impl Etcd {
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("ferrun-test={peer}")]);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&tls.client_ca);
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

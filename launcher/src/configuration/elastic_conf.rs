@@ -92,15 +92,30 @@ fn backend(args: &Args, conf: &[(String, String)]) -> Result<(Backend, String, u
         let (host, port) = parse_endpoint(&args.rdzv_endpoint)?;
         return Ok((Backend::Service, host, port.unwrap_or(DEFAULT_PORT)));
     }
+    let tls = value(conf, "protocol") == Some("https")
+        || args.rdzv_endpoint.contains("https://")
+        || value(conf, "tls_ca")
+            .or_else(|| value(conf, "cacert"))
+            .is_some();
     let mut endpoints = Vec::new();
     for one in args.rdzv_endpoint.split(',').map(str::trim) {
-        if one.starts_with("https://") || value(conf, "protocol") == Some("https") {
+        let bare = one.strip_prefix("https://").unwrap_or(one);
+        if tls && bare.starts_with("http://") {
             return Err(ConfigError::RdzvValue(format!(
-                "--rdzv-endpoint {one}: ferrun's etcd backend speaks plain http for now; reach etcd over a trusted network or a local TLS proxy"
+                "--rdzv-endpoint {one}: plain http, but TLS was asked for (https://, protocol=https or a CA); give every etcd endpoint as https://"
             )));
         }
-        let (host, port) = parse_endpoint(one.strip_prefix("http://").unwrap_or(one))?;
+        let (host, port) = parse_endpoint(bare.strip_prefix("http://").unwrap_or(bare))?;
         endpoints.push((host, port.unwrap_or(etcd::DEFAULT_PORT)));
+    }
+    if tls
+        && value(conf, "tls_ca")
+            .or_else(|| value(conf, "cacert"))
+            .is_none()
+    {
+        return Err(ConfigError::RdzvValue(
+            "etcd over https needs the CA that signed etcd's certificate: give --rdzv-conf cacert=PATH (and cert=, key= when etcd checks clients)".into(),
+        ));
     }
     let prefix = value(conf, "etcd_prefix").unwrap_or(etcd::DEFAULT_PREFIX);
     if !prefix.starts_with('/') || prefix.len() > 256 || prefix.chars().any(char::is_whitespace) {
@@ -110,7 +125,7 @@ fn backend(args: &Args, conf: &[(String, String)]) -> Result<(Backend, String, u
     }
     let (host, port) = endpoints[0].clone();
     let backend = Backend::Etcd {
-        urls: etcd::urls(&endpoints),
+        urls: etcd::urls(&endpoints, tls),
         prefix: prefix.to_owned(),
     };
     Ok((backend, host, port))
@@ -171,13 +186,19 @@ pub fn round_settings(
 /// # Errors
 /// A file that cannot be used, or a certificate without a CA to check it by.
 pub fn tls(conf: &[(String, String)]) -> Result<Option<Tls>, ConfigError> {
-    let path = |key: &str| value(conf, key).map(std::path::PathBuf::from);
-    match path("tls_ca") {
-        Some(ca) => Tls::load(path("tls_cert"), path("tls_key"), &ca)
+    // torchrun's etcd backends name them cacert, cert and key.
+    let path = |key: &str, torch: &str| {
+        value(conf, key)
+            .or_else(|| value(conf, torch))
+            .map(std::path::PathBuf::from)
+    };
+    let (cert, key) = (path("tls_cert", "cert"), path("tls_key", "key"));
+    match path("tls_ca", "cacert") {
+        Some(ca) => Tls::load(cert, key, &ca)
             .map(Some)
             .map_err(ConfigError::RdzvValue),
-        None if path("tls_cert").is_some() || path("tls_key").is_some() => Err(ConfigError::RdzvValue(
-            "--rdzv-conf tls_cert/tls_key need tls_ca too: every node checks the host against that CA".into(),
+        None if cert.is_some() || key.is_some() => Err(ConfigError::RdzvValue(
+            "--rdzv-conf tls_cert/tls_key need tls_ca too: every node checks the host (or etcd) against that CA".into(),
         )),
         None => Ok(None),
     }
@@ -310,6 +331,44 @@ mod tests {
     }
 
     #[test]
+    fn etcd_over_tls_takes_torchruns_cacert_cert_and_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "-----BEGIN CERTIFICATE-----\n").expect("write");
+            path.display().to_string()
+        };
+        let conf = format!(
+            "cacert={},cert={},key={}",
+            pem("ca"),
+            pem("cert"),
+            pem("key")
+        );
+        for endpoint in ["https://etcd-a:2379,etcd-b", "etcd-a:2379,https://etcd-b"] {
+            let line = [
+                "ferrun",
+                "--nnodes",
+                "1:3",
+                "--rdzv-backend",
+                "etcd",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "job",
+                "--rdzv-conf",
+                &conf,
+                "train.py",
+            ];
+            let spec = spec_of(&line).expect("valid");
+            let super::Backend::Etcd { urls, .. } = &spec.backend else {
+                panic!("{:?}", spec.backend)
+            };
+            assert_eq!(urls, &["https://etcd-a:2379", "https://etcd-b:2379"]);
+            assert!(spec.tls.is_some());
+        }
+    }
+
+    #[test]
     fn etcd_settings_that_cannot_work_are_named() {
         let line = |endpoint: &'static str, conf: &'static str| {
             [
@@ -327,9 +386,14 @@ mod tests {
                 "train.py",
             ]
         };
-        let err =
-            spec_of(&line("https://etcd:2379", "last_call_timeout=1")).expect_err("no TLS yet");
+        let err = spec_of(&line("https://etcd:2379", "last_call_timeout=1")).expect_err("no CA");
+        assert!(err.contains("cacert=PATH"), "{err}");
+        let err = spec_of(&line("http://a:2379,b", "protocol=https")).expect_err("mixed");
         assert!(err.contains("plain http"), "{err}");
+        let err = spec_of(&line("etcd:2379", "protocol=ftp")).expect_err("protocol");
+        assert!(err.contains("http or https"), "{err}");
+        let err = spec_of(&line("etcd:2379", "cacert=/nonexistent/ca.pem")).expect_err("no file");
+        assert!(err.contains("cacert=/nonexistent/ca.pem"), "{err}");
         let err = spec_of(&line("etcd:2379", "etcd_prefix=relative")).expect_err("prefix");
         assert!(err.contains("starts with /"), "{err}");
         let mut other = line("etcd:2379", "last_call_timeout=1");

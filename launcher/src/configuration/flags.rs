@@ -78,14 +78,17 @@ pub(crate) fn parse_rdzv_conf(value: &str) -> Result<Vec<(String, String)>, Conf
         .collect()
 }
 
-/// The `--rdzv-conf` keys torchrun's backends read, and ferrun's `exit_barrier_timeout`.
-const RDZV_KEYS: [&str; 18] = [
+/// The `--rdzv-conf` keys torchrun's backends read, and ferrun's own.
+const RDZV_KEYS: [&str; 21] = [
     "token",
     "etcd_prefix",
     "protocol",
     "tls_cert",
     "tls_key",
     "tls_ca",
+    "cert",
+    "key",
+    "cacert",
     "join_timeout",
     "timeout",
     "last_call_timeout",
@@ -113,8 +116,11 @@ pub(crate) fn check_rdzv_conf(conf: &[(String, String)]) -> Result<(), ConfigErr
                     return Err(bad("expected a boolean (true/false, 1/0)"));
                 }
             }
-            "store_type" | "token" | "tls_cert" | "tls_key" | "tls_ca" | "etcd_prefix"
-            | "protocol" => {}
+            "protocol" if value != "http" && value != "https" => {
+                return Err(bad("expected http or https"));
+            }
+            "store_type" | "token" | "tls_cert" | "tls_key" | "tls_ca" | "cert" | "key"
+            | "cacert" | "etcd_prefix" | "protocol" => {}
             k if RDZV_KEYS.contains(&k) => {
                 if !value
                     .parse::<f64>()

@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 
 use crate::rendezvous::round::{NodeDesc, NodeId, Settings, View};
 use crate::rendezvous::service::client::Views;
+use crate::rendezvous::service::Tls;
 
 pub mod log;
 
@@ -53,7 +54,10 @@ const OWN_RESULTS: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     /// etcd did not answer in time.
-    #[error("etcd at {endpoints} did not answer within {after:?} ({last}); check that etcd runs there and the address and port (--rdzv-endpoint host:port[,host:port...]), or raise --rdzv-conf join_timeout")]
+    #[error(
+        "etcd at {endpoints} did not answer within {after:?} ({last}); {}",
+        fix_for(last)
+    )]
     Unreachable {
         /// The endpoints.
         endpoints: String,
@@ -72,6 +76,19 @@ pub enum EtcdError {
         /// Why, in the state machine's words.
         message: String,
     },
+}
+
+/// The fix for what etcd's last error says: a TLS handshake that failed needs other files,
+/// anything else the address or more time.
+fn fix_for(last: &str) -> &'static str {
+    if ["certificate", "Certificate", "tls", "TLS", "handshake"]
+        .iter()
+        .any(|w| last.contains(w))
+    {
+        "the TLS handshake failed: check --rdzv-conf cacert (the CA that signed etcd's certificate) and cert/key (a client certificate etcd trusts)"
+    } else {
+        "check that etcd runs there and the address and port (--rdzv-endpoint host:port[,host:port...]), or raise --rdzv-conf join_timeout"
+    }
 }
 
 /// What the tasks and the calls share.
@@ -109,14 +126,15 @@ fn wall_clock() -> Duration {
 }
 
 /// etcd-client's URLs for `host:port,...` (a bare host gets etcd's port).
-pub fn urls(endpoints: &[(String, u16)]) -> Vec<String> {
+pub fn urls(endpoints: &[(String, u16)], tls: bool) -> Vec<String> {
+    let scheme = if tls { "https" } else { "http" };
     endpoints
         .iter()
         .map(|(host, port)| {
             if host.contains(':') {
-                format!("http://[{host}]:{port}")
+                format!("{scheme}://[{host}]:{port}")
             } else {
-                format!("http://{host}:{port}")
+                format!("{scheme}://{host}:{port}")
             }
         })
         .collect()
@@ -124,7 +142,7 @@ pub fn urls(endpoints: &[(String, u16)]) -> Vec<String> {
 
 impl EtcdMember {
     /// A member for `node` in `run_id`'s rendezvous in the etcd at `urls` under `prefix`; it
-    /// connects on [`EtcdMember::join`].
+    /// connects on [`EtcdMember::join`], over TLS when `tls` is given (URLs `https://`).
     ///
     /// # Errors
     /// The URLs are unusable.
@@ -135,12 +153,16 @@ impl EtcdMember {
         node: NodeDesc,
         settings: Settings,
         keep_alive: Duration,
+        tls: Option<&Tls>,
     ) -> Result<Self, EtcdError> {
         let endpoints = urls.join(",");
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(CALL_BOUND)
             .with_timeout(CALL_BOUND)
             .with_keep_alive(keep_alive, CALL_BOUND);
+        if let Some(tls) = tls {
+            options = options.with_tls(tls.client_of_etcd());
+        }
         let client =
             Client::connect(urls, Some(options))
                 .await

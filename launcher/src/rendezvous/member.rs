@@ -52,6 +52,7 @@ impl Member {
                     node,
                     spec.settings,
                     spec.keep_alive,
+                    spec.tls.as_ref(),
                 )
                 .await?,
             )),

@@ -35,8 +35,8 @@ use std::time::Duration;
 mod model;
 
 pub use model::{
-    NodeDesc, NodeId, Placement, RoundEnd, RoundError, Settings, Standing, View, MAX_NODES, MAX_NPROC,
-    MAX_WAITING,
+    NodeDesc, NodeId, Placement, RoundEnd, RoundError, Settings, Standing, View, MAX_NODES,
+    MAX_NPROC, MAX_WAITING,
 };
 
 #[derive(Debug, Clone)]
@@ -550,7 +550,12 @@ impl Rendezvous {
         }
         let hosts = ranks
             .iter()
-            .map(|id| self.members.get(id).map(|m| m.desc.addr.clone()).unwrap_or_default())
+            .map(|id| {
+                self.members
+                    .get(id)
+                    .map(|m| m.desc.addr.clone())
+                    .unwrap_or_default()
+            })
             .collect();
         self.phase = Phase::Complete {
             ranks,

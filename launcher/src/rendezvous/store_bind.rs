@@ -61,7 +61,11 @@ pub async fn admit_round(store: &StoreServer, hosts: &[String]) {
     let mut ips = Vec::with_capacity(hosts.len());
     let mut names = Vec::new();
     for host in hosts {
-        match host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        match host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             Ok(ip) => ips.push(ip),
             Err(_) => names.push(host.as_str()),
         }

@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub mod elastic;
+pub mod pki;
 
 /// The virtualenv with torch 2.13.0 that `scripts/setup-python.sh` installs.
 pub fn venv() -> PathBuf {

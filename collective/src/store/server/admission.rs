@@ -54,7 +54,14 @@ mod tests {
     fn only_loopback_and_the_named_hosts_are_admitted_in_either_ip_family() {
         assert!(Admission::Anyone.admits(ip("203.0.113.9")));
         let some = Admission::hosts([ip("10.0.0.2"), ip("::ffff:10.0.0.3"), ip("fd00::4")]);
-        for yes in ["10.0.0.2", "::ffff:10.0.0.2", "10.0.0.3", "fd00::4", "127.0.0.1", "::1"] {
+        for yes in [
+            "10.0.0.2",
+            "::ffff:10.0.0.2",
+            "10.0.0.3",
+            "fd00::4",
+            "127.0.0.1",
+            "::1",
+        ] {
             assert!(some.admits(ip(yes)), "{yes} is admitted");
         }
         for no in ["10.0.0.5", "::ffff:10.0.0.5", "fd00::5", "0.0.0.0"] {

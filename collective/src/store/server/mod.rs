@@ -25,9 +25,9 @@
 //! dropped, as torch's server does; the others are unaffected. Stored values are not capped
 //! beyond the protocol's per-value limit.
 
-use std::net::{SocketAddr, TcpListener as StdListener};
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;

@@ -330,7 +330,11 @@ fn check(r: &Rendezvous, now: Duration, ticked: bool) -> Result<(), TestCaseErro
         } => {
             prop_assert!((min..=max).contains(&ranks.len()));
             let addrs: Vec<&String> = ranks.iter().map(|id| &r.members[id].desc.addr).collect();
-            prop_assert_eq!(hosts.iter().collect::<Vec<_>>(), addrs, "node 0 admits the round's hosts");
+            prop_assert_eq!(
+                hosts.iter().collect::<Vec<_>>(),
+                addrs,
+                "node 0 admits the round's hosts"
+            );
             prop_assert_eq!(
                 ranks.iter().collect::<BTreeSet<_>>(),
                 r.participants.iter().collect()

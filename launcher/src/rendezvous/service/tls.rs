@@ -1,6 +1,8 @@
 //! TLS for the rendezvous (rustls): the host serves with a certificate and key; every agent
 //! checks the host against a CA. Given as `--rdzv-conf tls_cert=…,tls_key=…,tls_ca=…`,
-//! the same on every node (an agent that does not host reads only the CA).
+//! the same on every node (an agent that does not host reads only the CA). For etcd
+//! (`cacert`, `cert`, `key` by torchrun's names), the CA checks etcd and the certificate and
+//! key are the node's client identity.
 //!
 //! # Trust
 //! The files are the user's; each is read once, at most [`MAX_PEM`] bytes, and rustls parses
@@ -87,6 +89,16 @@ impl Tls {
     pub fn server(&self) -> Option<ServerTlsConfig> {
         let (cert, key) = (self.cert.as_ref()?, self.key.as_ref()?);
         Some(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+    }
+
+    /// A client of etcd: etcd's certificate checked against the CA for the URL's host, and
+    /// this node's certificate and key presented when given (etcd's `--client-cert-auth`).
+    pub fn client_of_etcd(&self) -> ClientTlsConfig {
+        let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca));
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => config.identity(Identity::from_pem(cert, key)),
+            _ => config,
+        }
     }
 
     /// The client side, checking the host's certificate for `host` against the CA.

@@ -154,7 +154,11 @@ pub fn view_in(view: proto::View) -> Result<View, String> {
                     p.node_rank, p.nnodes, p.base_rank, p.world_size
                 ));
             }
-            let hosts_expected = if p.node_rank == 0 { p.nnodes as usize } else { 0 };
+            let hosts_expected = if p.node_rank == 0 {
+                p.nnodes as usize
+            } else {
+                0
+            };
             if p.hosts.len() != hosts_expected || p.hosts.iter().any(|h| h.len() > MAX_ADDR) {
                 return Err(format!(
                     "placement of node {} of {} names {} hosts (expected {hosts_expected}, each at most {MAX_ADDR} bytes)",
