@@ -337,3 +337,32 @@ fn with_a_token_the_rounds_store_serves_its_hosts_and_refuses_others() {
         "{host}"
     );
 }
+
+#[test]
+fn standalone_runs_on_a_local_rendezvous_service_and_restarts_through_it() {
+    let mut cmd = ferrun();
+    cmd.args([
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+    ])
+    .arg(worker("elastic.py"))
+    .args(["--fail-rank", "1"]);
+    let out = support::run(cmd, LIMIT);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("hosting the rendezvous on 127.0.0.1:"),
+        "{stderr}"
+    );
+    for rank in [0, 1] {
+        assert!(
+            stdout.contains(&format!(
+                "placed rank {rank} world 2 group 0 restart 1 master localhost:"
+            )),
+            "{stdout}"
+        );
+    }
+}

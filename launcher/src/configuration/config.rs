@@ -10,7 +10,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use crate::configuration::cli::{Args, Flavor};
-use crate::configuration::elastic_conf::elastic_spec;
+use crate::configuration::elastic_conf::{elastic_spec, standalone_spec};
 use crate::configuration::entrypoint::{build_command, warm_modules};
 use crate::configuration::flags::{
     check_rdzv_conf, comma_separated, parse_endpoint, parse_nnodes, parse_rdzv_conf, parse_signals,
@@ -283,13 +283,17 @@ impl LaunchConfig {
             Some(v) => seconds("--rdzv-conf exit_barrier_timeout", v)?,
             None => Duration::from_secs(300),
         };
-        let elastic = elastic_spec(
-            args,
-            &rdzv_conf,
-            (min_nodes, max_nodes),
-            local_world_size,
-            env,
-        )?;
+        let elastic = if args.standalone {
+            Some(standalone_spec(&rdzv_conf, &run_id, local_world_size)?)
+        } else {
+            elastic_spec(
+                args,
+                &rdzv_conf,
+                (min_nodes, max_nodes),
+                local_world_size,
+                env,
+            )?
+        };
         let nodes = if max_nodes > 1 && elastic.is_none() {
             Some(StaticSpec {
                 nnodes: max_nodes,

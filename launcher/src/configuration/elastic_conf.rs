@@ -15,6 +15,34 @@ use crate::rendezvous::service::{Tls, Token, TOKEN_ENV};
 /// torchrun's c10d port.
 const DEFAULT_PORT: u16 = 29400;
 
+/// `--standalone`: torchrun's choice, ferrun's rendezvous service on a free loopback port
+/// with one node (`--nnodes 1:1`), `run_id` the job's fresh id. Nothing but this agent can
+/// reach it, so it has no token; the agent store stays on loopback.
+///
+/// # Errors
+/// A `--rdzv-conf` value that cannot work.
+pub(crate) fn standalone_spec(
+    conf: &[(String, String)],
+    run_id: &str,
+    local_world_size: u32,
+) -> Result<ElasticSpec, ConfigError> {
+    let (settings, keep_alive) = round_settings(conf, 1, 1)?;
+    Ok(ElasticSpec {
+        backend: Backend::Service,
+        settings,
+        host: "127.0.0.1".into(),
+        port: 0,
+        run_id: run_id.to_owned(),
+        local_world_size,
+        keep_alive,
+        is_host: Some(true),
+        token: None,
+        tls: None,
+        local_addr: Some("localhost".into()),
+        exit_timeout: seconds_or(conf, "exit_barrier_timeout", 300)?,
+    })
+}
+
 /// The elastic rendezvous `args` ask for, or `None` for a static or single-node job.
 ///
 /// # Errors
@@ -187,14 +215,15 @@ pub fn round_settings(
 /// A file that cannot be used, or a certificate without a CA to check it by.
 pub fn tls(conf: &[(String, String)]) -> Result<Option<Tls>, ConfigError> {
     // torchrun's etcd backends name them cacert, cert and key.
-    let path = |key: &str, torch: &str| {
+    let path = |key: &'static str, torch: &'static str| {
         value(conf, key)
-            .or_else(|| value(conf, torch))
-            .map(std::path::PathBuf::from)
+            .map(|v| (key, v))
+            .or_else(|| value(conf, torch).map(|v| (torch, v)))
+            .map(|(k, v)| (k, std::path::PathBuf::from(v)))
     };
     let (cert, key) = (path("tls_cert", "cert"), path("tls_key", "key"));
     match path("tls_ca", "cacert") {
-        Some(ca) => Tls::load(cert, key, &ca)
+        Some((ca_key, ca)) => Tls::load(cert, key, (ca_key, &ca))
             .map(Some)
             .map_err(ConfigError::RdzvValue),
         None if cert.is_some() || key.is_some() => Err(ConfigError::RdzvValue(
@@ -328,6 +357,33 @@ mod tests {
             assert_eq!((spec.host.as_str(), spec.port), ("etcd-a", 2479));
             assert!(spec.host_if_ours().expect("no hosting").is_none());
         }
+    }
+
+    #[test]
+    fn standalone_is_one_node_on_a_rendezvous_service_on_a_free_loopback_port() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("train.py"), "").expect("write");
+        let line = [
+            "ferrun",
+            "--standalone",
+            "--rdzv-backend",
+            "etcd",
+            "--rdzv-endpoint",
+            "etcd:2379",
+            "--rdzv-id",
+            "ignored",
+            "train.py",
+        ];
+        let (flavor, args) = parse(line.iter().copied()).expect("parse");
+        let config =
+            LaunchConfig::from_args(flavor, &args, &Env(dir.path().into())).expect("valid");
+        let spec = config.elastic.as_ref().expect("through the rendezvous");
+        assert_eq!(spec.backend, super::Backend::Service);
+        assert_eq!((spec.host.as_str(), spec.port), ("127.0.0.1", 0));
+        assert_eq!((spec.settings.min_nodes, spec.settings.max_nodes), (1, 1));
+        assert_eq!(spec.is_host, Some(true));
+        assert_eq!(spec.run_id, config.run_id);
+        assert_ne!(spec.run_id, "ignored", "a fresh id, as torchrun's");
     }
 
     #[test]

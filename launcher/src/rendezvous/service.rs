@@ -212,7 +212,13 @@ impl RendezvousService {
             tonic::service::interceptor::InterceptedService::new(service, auth::check(token));
         let (tx, rx) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            let incoming = TcpListenerStream::new(listener);
+            // The builder's tcp_nodelay covers only listeners it binds itself: without it here,
+            // Nagle holds each small view back until the peer's delayed ACK (~40 ms).
+            let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |s| {
+                s.inspect(|s| {
+                    let _ = s.set_nodelay(true);
+                })
+            });
             let result = builder
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async {

@@ -77,6 +77,14 @@ pub async fn run(
     warm: Option<&mut WarmPool>,
 ) -> Result<RunResult, AgentError> {
     let service = spec.host_if_ours()?;
+    // `--standalone` serves on a free port: the agent joins where the service listens.
+    let spec = &match &service {
+        Some(service) if spec.port == 0 => ElasticSpec {
+            port: service.local_addr().port(),
+            ..spec.clone()
+        },
+        _ => spec.clone(),
+    };
     let addr = spec.advertised_addr()?;
     let store = store_bind::bind_store(&addr, 0)?;
     if spec.token.is_some() {
@@ -145,6 +153,7 @@ async fn placed(
             }
         };
         fresh = false;
+        tracing::debug!(round = view.round, standing = ?view.standing, "view");
         match &view.standing {
             Standing::Assigned(p) if p.all_ready && said_ready == Some(view.round) => {
                 return Ok(Ok((view.clone(), p.clone())));

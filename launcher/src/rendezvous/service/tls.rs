@@ -56,26 +56,33 @@ fn read(key: &str, path: &Path) -> Result<Vec<u8>, String> {
 }
 
 impl Tls {
-    /// Reads the files: the CA always, the certificate and key when both are given.
+    /// Reads the files, each given as its `--rdzv-conf` key and path: the CA always, the
+    /// certificate and key when both are given.
     ///
     /// # Errors
     /// A file that cannot be read, is too large or is not PEM; a certificate without its key.
-    pub fn load(cert: Option<PathBuf>, key: Option<PathBuf>, ca: &Path) -> Result<Self, String> {
+    pub fn load(
+        cert: Option<(&str, PathBuf)>,
+        key: Option<(&str, PathBuf)>,
+        (ca_key, ca): (&str, &Path),
+    ) -> Result<Self, String> {
         let (cert, key) = match (cert, key) {
-            (Some(cert), Some(key)) => {
-                (Some(read("tls_cert", &cert)?), Some(read("tls_key", &key)?))
-            }
+            (Some((cert_key, cert)), Some((key_key, key))) => (
+                Some(read(cert_key, &cert)?),
+                Some(read(key_key, &key)?),
+            ),
             (None, None) => (None, None),
             _ => {
                 return Err(
-                    "--rdzv-conf tls_cert and tls_key go together: give both, or neither".into(),
+                    "--rdzv-conf tls_cert and tls_key (cert and key) go together: give both, or neither"
+                        .into(),
                 )
             }
         };
         Ok(Self {
             cert,
             key,
-            ca: read("tls_ca", ca)?,
+            ca: read(ca_key, ca)?,
         })
     }
 
