@@ -82,11 +82,7 @@ fn three_hosts_lose_one(lose: impl FnOnce(&Hosts, &Agent)) -> Agent {
     let agents: Vec<Agent> = (0..3)
         .map(|i| {
             let cmd = agent("2:3", &endpoint, &[], &["--exit-world", "2"]);
-            let mut on = hosts.on(i, &cmd);
-            on.stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .stdin(Stdio::null());
-            Agent::start(on)
+            Agent::start_on(&hosts, i, &cmd)
         })
         .collect();
     let master = format!("master {}:", hosts.addrs[0]);
@@ -140,11 +136,7 @@ fn gloo_agent(hosts: &Hosts, i: usize, worlds: &str, state: &std::path::Path) ->
         ])
         .arg(worker("gloo_elastic.py"))
         .args(["--worlds", worlds, "--state", &state.display().to_string()]);
-    let mut on = hosts.on(i, &cmd);
-    on.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null());
-    Agent::start(on)
+    Agent::start_on(hosts, i, &cmd)
 }
 
 #[test]
@@ -307,11 +299,7 @@ fn with_a_token_the_rounds_store_serves_its_hosts_and_refuses_others() {
         .map(|i| {
             let mut cmd = agent("2:2", &endpoint, &[], &["--exit-when", &done]);
             cmd.env("FERRUN_RDZV_TOKEN", "store-job-token-0123456789");
-            let mut on = hosts.on(i, &cmd);
-            on.stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .stdin(Stdio::null());
-            Agent::start(on)
+            Agent::start_on(&hosts, i, &cmd)
         })
         .collect();
     let line = agents[1].wait_line("placed");

@@ -132,11 +132,7 @@ fn three_hosts_lose_one(lose: impl FnOnce(&Hosts, &Agent)) -> Agent {
     let agents: Vec<Agent> = (0..3)
         .map(|i| {
             let cmd = etcd_agent("2:3", &etcd.endpoint(), &["--exit-world", "2"]);
-            let mut on = hosts.on(i, &cmd);
-            on.stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .stdin(std::process::Stdio::null());
-            Agent::start(on)
+            Agent::start_on(&hosts, i, &cmd)
         })
         .collect();
     lose_the_third(&hosts, agents, |_| {}, lose)

@@ -103,16 +103,18 @@ fn a_cold_worker_imports_torch_itself() {
 
 #[test]
 fn a_module_that_cannot_be_pre_imported_leaves_the_worker_to_import_it() {
+    let dir = tempfile::tempdir().expect("a working directory");
     let mut cmd = ferrun();
-    cmd.args([
-        "--nproc-per-node",
-        "1",
-        "--max-restarts",
-        "1",
-        "--warm-start",
-    ])
-    .args(["--warm-start-import", "no_such_module_for_ferrun"])
-    .arg(worker("warm_check.py"));
+    cmd.current_dir(dir.path())
+        .args([
+            "--nproc-per-node",
+            "1",
+            "--max-restarts",
+            "1",
+            "--warm-start",
+        ])
+        .args(["--warm-start-import", "no_such_module_for_ferrun"])
+        .arg(worker("warm_check.py"));
     let out = run(cmd, LIMIT);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}\n{stderr}");

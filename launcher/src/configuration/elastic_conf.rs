@@ -401,20 +401,7 @@ mod tests {
             pem("key")
         );
         for endpoint in ["https://etcd-a:2379,etcd-b", "etcd-a:2379,https://etcd-b"] {
-            let line = [
-                "ferrun",
-                "--nnodes",
-                "1:3",
-                "--rdzv-backend",
-                "etcd",
-                "--rdzv-endpoint",
-                endpoint,
-                "--rdzv-id",
-                "job",
-                "--rdzv-conf",
-                &conf,
-                "train.py",
-            ];
+            let line = etcd_line(endpoint, &conf);
             let spec = spec_of(&line).expect("valid");
             let super::Backend::Etcd { urls, .. } = &spec.backend else {
                 panic!("{:?}", spec.backend)
@@ -424,24 +411,27 @@ mod tests {
         }
     }
 
+    /// An etcd job's command line.
+    fn etcd_line<'a>(endpoint: &'a str, conf: &'a str) -> [&'a str; 12] {
+        [
+            "ferrun",
+            "--nnodes",
+            "1:3",
+            "--rdzv-backend",
+            "etcd",
+            "--rdzv-endpoint",
+            endpoint,
+            "--rdzv-id",
+            "job",
+            "--rdzv-conf",
+            conf,
+            "train.py",
+        ]
+    }
+
     #[test]
     fn etcd_settings_that_cannot_work_are_named() {
-        let line = |endpoint: &'static str, conf: &'static str| {
-            [
-                "ferrun",
-                "--nnodes",
-                "1:3",
-                "--rdzv-backend",
-                "etcd",
-                "--rdzv-endpoint",
-                endpoint,
-                "--rdzv-id",
-                "job",
-                "--rdzv-conf",
-                conf,
-                "train.py",
-            ]
-        };
+        let line = etcd_line;
         let err = spec_of(&line("https://etcd:2379", "last_call_timeout=1")).expect_err("no CA");
         assert!(err.contains("cacert=PATH"), "{err}");
         let err = spec_of(&line("http://a:2379,b", "protocol=https")).expect_err("mixed");

@@ -33,6 +33,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod model;
+mod ranks;
+mod view;
+
+pub use ranks::assign_ranks;
 
 pub use model::{
     NodeDesc, NodeId, Placement, RoundEnd, RoundError, Settings, Standing, View, MAX_NODES,
@@ -392,37 +396,6 @@ impl Rendezvous {
         [silence, gathering].into_iter().flatten().min()
     }
 
-    /// What `id` should know now.
-    pub fn view(&self, id: &NodeId) -> View {
-        let standing = match &self.phase {
-            Phase::Finished => Standing::Finished,
-            Phase::Closed(reason) => Standing::Closed {
-                reason: reason.clone(),
-            },
-            Phase::TimedOut(joined) => Standing::TimedOut {
-                joined: joined.clone(),
-            },
-            _ if !self.members.contains_key(id) => Standing::Unknown,
-            _ if !self.participants.contains(id) => Standing::Waiting,
-            Phase::Gathering { .. } => Standing::Gathering {
-                joined: len_u32(self.participants.len()),
-            },
-            Phase::Complete {
-                ranks,
-                places,
-                world_size,
-                hosts,
-            } => self.placement(id, ranks, places, *world_size, hosts),
-        };
-        View {
-            round: self.round,
-            restart_count: self.restart_count,
-            standing,
-            last_end: self.last_end.clone(),
-            waiting: len_u32(self.waiting.len()),
-        }
-    }
-
     /// Every node the rendezvous knows of: participants and waiting nodes.
     pub fn members(&self) -> impl Iterator<Item = &NodeId> {
         self.members.keys()
@@ -431,34 +404,6 @@ impl Rendezvous {
     /// The error a node's agent reports when the rendezvous is over; `None` while it is not.
     pub fn over(&self) -> Option<RoundError> {
         self.open().err()
-    }
-
-    fn placement(
-        &self,
-        id: &NodeId,
-        ranks: &[NodeId],
-        places: &BTreeMap<NodeId, (u32, u32)>,
-        world_size: u32,
-        hosts: &Arc<[String]>,
-    ) -> Standing {
-        let Some(&(node_rank, base_rank)) = places.get(id) else {
-            return Standing::Unknown;
-        };
-        let master = ranks.first().and_then(|m| self.members.get(m));
-        Standing::Assigned(Placement {
-            node_rank,
-            nnodes: len_u32(ranks.len()),
-            base_rank,
-            world_size,
-            master_addr: master.map(|m| m.desc.addr.clone()).unwrap_or_default(),
-            master_port: master.map_or(0, |m| m.desc.store_port),
-            all_ready: self.ready.len() == ranks.len(),
-            hosts: if node_rank == 0 {
-                Arc::clone(hosts)
-            } else {
-                Arc::default()
-            },
-        })
     }
 
     fn open(&self) -> Result<(), RoundError> {
@@ -565,26 +510,6 @@ impl Rendezvous {
         };
         self.changed();
     }
-}
-
-/// Node ids in rank order: each node keeps its previous rank while it is below the new node
-/// count, the rest fill the free ranks in id order.
-pub fn assign_ranks(nodes: &BTreeSet<NodeId>, previous: &BTreeMap<NodeId, u32>) -> Vec<NodeId> {
-    let n = nodes.len();
-    let mut slots: Vec<Option<NodeId>> = vec![None; n];
-    let mut rest = Vec::new();
-    for id in nodes {
-        match previous.get(id).map(|&r| r as usize) {
-            Some(r) if r < n && slots[r].is_none() => slots[r] = Some(id.clone()),
-            _ => rest.push(id.clone()),
-        }
-    }
-    let mut rest = rest.into_iter();
-    slots
-        .into_iter()
-        .map(|slot| slot.or_else(|| rest.next()))
-        .collect::<Option<Vec<_>>>()
-        .unwrap_or_default()
 }
 
 /// Counts here are bounded by MAX nodes or [`MAX_WAITING`], both far below `u32::MAX`.

@@ -21,7 +21,8 @@
 //! the environment the interpreter started with — the launcher's, plus the variables that
 //! do not change across attempts (`LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `OMP_NUM_THREADS`) — not
 //! the attempt's `RANK`, `WORLD_SIZE` or `MASTER_*`; code that reads those at import time
-//! must not be pre-imported.
+//! must not be pre-imported. The imports' objects are frozen out of Python's cyclic
+//! collector (`gc.freeze()`): the worker's collections and its teardown skip them.
 //!
 //! # Trust
 //! The interpreters are the agent's children on a socket pair nobody else holds; the agent

@@ -61,6 +61,15 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// `cmd` on namespaced host `i` of `hosts`, its output read.
+    pub fn start_on(hosts: &ferrun_tests::netns::Hosts, i: usize, cmd: &Command) -> Self {
+        let mut on = hosts.on(i, cmd);
+        on.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        Self::start(on)
+    }
+
     pub fn start(mut cmd: Command) -> Self {
         let mut child = cmd.spawn().expect("spawn ferrun");
         let lines = stdout_lines(&mut child);
