@@ -13,8 +13,8 @@ export FERRUN_VENV="$(scripts/setup-python.sh)"
 cargo build --release --quiet -p ferrun-launcher -p ferrun-bench
 target/release/ferrun-bench launcher --anchors "$anchors" --runs 7
 target/release/ferrun-bench store
-target/release/ferrun-bench rendezvous
-target/release/ferrun-bench restart --runs 2
+target/release/ferrun-bench rendezvous --rounds 3
+target/release/ferrun-bench restart --runs 3
 target/release/ferrun-bench lost-node --runs 2
 mkdir -p bench/out
 target/release/ferrun-bench compare all_reduce --anchors "$anchors" --plot bench/out/all_reduce_busbw.png

@@ -175,6 +175,32 @@ fn gloo_training_on_three_hosts_goes_on_without_a_killed_one_and_takes_in_a_four
 }
 
 #[test]
+fn gloo_training_on_three_hosts_goes_on_without_one_whose_link_was_cut() {
+    let hosts = Hosts::bridged(3).expect("three namespaced hosts");
+    let state = tempfile::tempdir().expect("a state dir");
+    let mut agents: Vec<Agent> = (0..3)
+        .map(|i| gloo_agent(&hosts, i, "3,2", state.path()))
+        .collect();
+    for a in &mut agents {
+        a.wait_line("world 3 rank");
+    }
+    // No reset reaches anyone: the survivors' Gloo calls would wait on host 2 for good.
+    hosts.cut(2).expect("link down");
+    let cut = agents.pop().expect("three");
+    for a in &mut agents {
+        let line = a.wait_line("world 2 rank");
+        assert!(line.contains("sum 3 restart 0"), "{line}");
+    }
+    for a in agents {
+        succeeded(a, "a survivor");
+    }
+    let out = cut.finish();
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("cut off from it"), "{stderr}");
+}
+
+#[test]
 fn a_standalone_rendezvous_serves_agents_that_do_not_host_it() {
     let port = free_port();
     let mut server = Command::new(env!("CARGO_BIN_EXE_ferrun"));
