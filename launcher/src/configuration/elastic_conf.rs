@@ -120,11 +120,12 @@ fn backend(args: &Args, conf: &[(String, String)]) -> Result<(Backend, String, u
         let (host, port) = parse_endpoint(&args.rdzv_endpoint)?;
         return Ok((Backend::Service, host, port.unwrap_or(DEFAULT_PORT)));
     }
-    let tls = value(conf, "protocol") == Some("https")
-        || args.rdzv_endpoint.contains("https://")
-        || value(conf, "tls_ca")
-            .or_else(|| value(conf, "cacert"))
-            .is_some();
+    let ca_given = value(conf, "tls_ca")
+        .or_else(|| value(conf, "cacert"))
+        .is_some();
+    let tls = ca_given
+        || value(conf, "protocol") == Some("https")
+        || args.rdzv_endpoint.contains("https://");
     let mut endpoints = Vec::new();
     for one in args.rdzv_endpoint.split(',').map(str::trim) {
         let bare = one.strip_prefix("https://").unwrap_or(one);
@@ -136,11 +137,7 @@ fn backend(args: &Args, conf: &[(String, String)]) -> Result<(Backend, String, u
         let (host, port) = parse_endpoint(bare.strip_prefix("http://").unwrap_or(bare))?;
         endpoints.push((host, port.unwrap_or(etcd::DEFAULT_PORT)));
     }
-    if tls
-        && value(conf, "tls_ca")
-            .or_else(|| value(conf, "cacert"))
-            .is_none()
-    {
+    if tls && !ca_given {
         return Err(ConfigError::RdzvValue(
             "etcd over https needs the CA that signed etcd's certificate: give --rdzv-conf cacert=PATH (and cert=, key= when etcd checks clients)".into(),
         ));

@@ -28,7 +28,7 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -100,8 +100,6 @@ struct Shared {
     /// Bytes buffered by all connections together.
     budget: Budget,
     admission: RwLock<Admission>,
-    /// Connections closed at once because their host was not admitted.
-    refused: AtomicU64,
 }
 
 impl Shared {
@@ -159,7 +157,6 @@ impl StoreServer {
             state: Mutex::default(),
             budget: Budget::new(limits.memory),
             admission: RwLock::default(),
-            refused: AtomicU64::new(0),
         });
         let (stop, stopped) = oneshot::channel();
         let serving = Arc::clone(&shared);
@@ -243,11 +240,6 @@ impl StoreServer {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = admission;
     }
 
-    /// Connections closed at accept because their host was not admitted.
-    pub fn refused_connections(&self) -> u64 {
-        self.shared.refused.load(Ordering::Acquire)
-    }
-
     /// Whether the store holds no key.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -314,7 +306,6 @@ async fn serve(
                     refused = 0;
                 }
                 if !shared.admits(peer.ip()) {
-                    shared.refused.fetch_add(1, Ordering::AcqRel);
                     let ip = peer.ip().to_canonical();
                     if strangers_said.len() < 16 && strangers_said.insert(ip) {
                         tracing::warn!(
