@@ -56,7 +56,7 @@ pub enum EtcdError {
     /// etcd did not answer in time.
     #[error(
         "etcd at {endpoints} did not answer within {after:?} ({last}); {}",
-        fix_for(last)
+        fix_for(last, endpoints)
     )]
     Unreachable {
         /// The endpoints.
@@ -78,16 +78,36 @@ pub enum EtcdError {
     },
 }
 
-/// The fix for what etcd's last error says: a TLS handshake that failed needs other files,
-/// anything else the address or more time.
-fn fix_for(last: &str) -> &'static str {
-    if ["certificate", "Certificate", "tls", "TLS", "handshake"]
-        .iter()
-        .any(|w| last.contains(w))
-    {
+/// The fix for what etcd's last error says: a TLS handshake that failed (or a TLS connection
+/// etcd closed) needs other files, anything else the address or more time.
+fn fix_for(last: &str, endpoints: &str) -> &'static str {
+    // etcd refuses a client certificate after the client's side of the handshake is done:
+    // the client may see only the connection it then closes.
+    let closed_over_tls = endpoints.contains("https://")
+        && ["closed", "canceled", "reset"]
+            .iter()
+            .any(|w| last.contains(w));
+    if tls_failure(last) || closed_over_tls {
         "the TLS handshake failed: check --rdzv-conf cacert (the CA that signed etcd's certificate) and cert/key (a client certificate etcd trusts)"
     } else {
         "check that etcd runs there and the address and port (--rdzv-endpoint host:port[,host:port...]), or raise --rdzv-conf join_timeout"
+    }
+}
+
+/// Whether an error of etcd's client says the TLS handshake failed.
+fn tls_failure(error: &str) -> bool {
+    ["certificate", "Certificate", "tls", "TLS", "handshake"]
+        .iter()
+        .any(|w| error.contains(w))
+}
+
+/// The error worth reporting of `kept` and `new`: a failed TLS handshake stays, because the
+/// retries after it may only see the connection the peer closed.
+fn telling(kept: String, new: String) -> String {
+    if kept.is_empty() || !tls_failure(&kept) || tls_failure(&new) {
+        new
+    } else {
+        kept
     }
 }
 
@@ -216,14 +236,14 @@ impl EtcdMember {
             match grant(&self.client, self.keys.alive_of(&self.node.id), self.ttl()).await {
                 Ok(lease) => break lease,
                 Err(e) if Instant::now() < deadline => {
-                    last = e;
+                    last = telling(last, e);
                     tokio::time::sleep(RETRY).await;
                 }
                 Err(e) => {
                     return Err(EtcdError::Unreachable {
                         endpoints: self.endpoints.clone(),
                         after: started.elapsed(),
-                        last: if last.is_empty() { e } else { last },
+                        last: telling(last, e),
                     })
                 }
             }
@@ -457,4 +477,27 @@ fn watch_from(revision: i64) -> WatchOptions {
 
 fn is_put(event: &etcd_client::Event) -> bool {
     event.event_type() == EventType::Put
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_tls_handshake_outlives_the_closed_connections_after_it() {
+        let tls = "invalid peer certificate: BadSignature".to_owned();
+        let closed = "operation was canceled: connection closed".to_owned();
+        assert_eq!(telling(String::new(), closed.clone()), closed);
+        assert_eq!(telling(closed.clone(), tls.clone()), tls);
+        assert_eq!(telling(tls.clone(), closed.clone()), tls);
+        let err = EtcdError::Unreachable {
+            endpoints: "https://etcd:2379".into(),
+            after: Duration::from_secs(2),
+            last: telling(tls, closed),
+        };
+        assert!(
+            err.to_string().contains("the TLS handshake failed"),
+            "{err}"
+        );
+    }
 }
