@@ -16,6 +16,7 @@
 
 pub mod comm;
 pub mod env;
+pub mod gpu;
 mod net;
 pub mod reduce;
 pub mod schedule;

@@ -494,6 +494,8 @@ mod witness;
 
 use ring::Hosts;
 
+#[cfg(feature = "nccl")]
+pub(crate) use bootstrap::host_identity;
 pub use bootstrap::{InitError, StoreWitness};
 pub use overlap::{AsyncCommunicator, Handle};
 
