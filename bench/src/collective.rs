@@ -39,7 +39,7 @@ pub(crate) enum Collective {
 pub(crate) struct Options {
     /// The collective.
     #[arg(value_enum)]
-    op: Collective,
+    pub(crate) op: Collective,
     /// Smallest size in bytes (K, M, G suffixes).
     #[arg(short = 'b', long = "minbytes", default_value = "4", value_parser = parse_size)]
     min: usize,
@@ -58,6 +58,31 @@ pub(crate) struct Options {
     /// Write the results as CSV to this file (rank 0).
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
+    /// Whose collectives: ferrun's own transports, or NCCL (GPU buffers; needs --device cuda).
+    #[arg(long, value_enum, default_value = "ferrun")]
+    pub(crate) backend: Backend,
+    /// Where the buffers live: host memory, or the rank's GPU (with --backend ferrun, GPU
+    /// buffers are staged through pinned host memory).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub(crate) device: Device,
+}
+
+/// Whose collectives a benchmark runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Backend {
+    /// ferrun's shared-memory and TCP transports.
+    Ferrun,
+    /// NCCL (through ferrun's GPU communicator).
+    Nccl,
+}
+
+/// Where a benchmark's buffers live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Device {
+    /// Host memory.
+    Cpu,
+    /// The rank's GPU.
+    Cuda,
 }
 
 /// `4`, `64K`, `16M`, `1G` → bytes.
@@ -99,30 +124,77 @@ fn busbw_factor(op: Collective, n: usize) -> f64 {
     }
 }
 
-/// Buffers for one collective at one size, and how to run and check it.
-struct Case {
+/// What a benchmark needs of its ranks besides the measured op: sync and small reductions.
+pub(crate) trait Ranks {
+    /// This rank.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn size(&self) -> usize;
+    /// Every rank here.
+    fn barrier(&self) -> anyhow::Result<()>;
+    /// `x` reduced over the ranks.
+    fn reduce_f64(&self, x: f64, op: ReduceOp) -> anyhow::Result<f64>;
+}
+
+impl Ranks for Communicator<Auto> {
+    fn rank(&self) -> usize {
+        Communicator::rank(self)
+    }
+    fn size(&self) -> usize {
+        Communicator::size(self)
+    }
+    fn barrier(&self) -> anyhow::Result<()> {
+        Ok(Communicator::barrier(self)?)
+    }
+    fn reduce_f64(&self, x: f64, op: ReduceOp) -> anyhow::Result<f64> {
+        let mut v = [x];
+        self.all_reduce(&mut v, op)?;
+        Ok(v[0])
+    }
+}
+
+/// Buffers for one collective at one size, and how to run them.
+pub(crate) trait Case<R: Ranks> {
+    /// Elements of the larger buffer.
+    fn count(&self) -> usize;
+    /// One op.
+    fn run(&mut self, ranks: &R) -> anyhow::Result<()>;
+    /// Fills the input with `rank + 1` and the output with -1, runs once, and returns (input,
+    /// output) as they came out.
+    fn outcome(&mut self, ranks: &R) -> anyhow::Result<(Vec<f32>, Vec<f32>)>;
+}
+
+/// (input, output) element counts of `op` at `size` bytes of float32 over `n` ranks.
+pub(crate) fn buffer_counts(op: Collective, size: usize, n: usize) -> (usize, usize) {
+    let count = size / 4;
+    let per = count / n;
+    match op {
+        Collective::AllReduce | Collective::Broadcast | Collective::Reduce => (count, 0),
+        Collective::AllGather => (per, per * n),
+        Collective::ReduceScatter => (per * n, per),
+        Collective::AllToAll => (per * n, per * n),
+    }
+}
+
+/// Host buffers for one collective at one size.
+struct HostCase {
     op: Collective,
     input: Vec<f32>,
     output: Vec<f32>,
 }
 
-impl Case {
+impl HostCase {
     fn new(op: Collective, size: usize, n: usize) -> Self {
-        let count = size / 4;
-        let per = count / n;
-        let (i, o) = match op {
-            Collective::AllReduce | Collective::Broadcast | Collective::Reduce => (count, 0),
-            Collective::AllGather => (per, per * n),
-            Collective::ReduceScatter => (per * n, per),
-            Collective::AllToAll => (per * n, per * n),
-        };
+        let (i, o) = buffer_counts(op, size, n);
         Self {
             op,
             input: vec![0.0; i],
             output: vec![0.0; o],
         }
     }
+}
 
+impl Case<Communicator<Auto>> for HostCase {
     fn count(&self) -> usize {
         self.input.len().max(self.output.len())
     }
@@ -141,38 +213,59 @@ impl Case {
         Ok(())
     }
 
-    /// Runs once on known data; the number of wrong elements on this rank.
-    fn check(&mut self, c: &Communicator<Auto>) -> anyhow::Result<usize> {
-        let (r, n) = (c.rank(), c.size());
-        let sum = (n * (n + 1) / 2) as f32;
+    fn outcome(&mut self, c: &Communicator<Auto>) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        let r = c.rank();
         self.input.iter_mut().for_each(|x| *x = (r + 1) as f32);
         self.output.iter_mut().for_each(|x| *x = -1.0);
         self.run(c)?;
-        // The benchmark's own test: a result spoiled on purpose must be caught and fail the run.
-        if std::env::var_os("FERRUN_BENCH_SPOIL").is_some() {
-            for buf in [&mut self.input, &mut self.output] {
-                if let Some(x) = buf.first_mut() {
-                    *x += 1.0;
-                }
+        Ok((self.input.clone(), self.output.clone()))
+    }
+}
+
+/// The number of elements of `op`'s outcome on rank `r` of `n` that are wrong.
+pub(crate) fn wrong_elements(
+    op: Collective,
+    r: usize,
+    n: usize,
+    mut input: Vec<f32>,
+    mut output: Vec<f32>,
+) -> usize {
+    let sum = (n * (n + 1) / 2) as f32;
+    // The benchmark's own test: a result spoiled on purpose must be caught and fail the run.
+    if std::env::var_os("FERRUN_BENCH_SPOIL").is_some() {
+        for buf in [&mut input, &mut output] {
+            if let Some(x) = buf.first_mut() {
+                *x += 1.0;
             }
         }
-        let wrong = |buf: &[f32], expected: &dyn Fn(usize) -> f32| {
-            buf.iter()
-                .enumerate()
-                .filter(|(i, x)| **x != expected(*i))
-                .count()
-        };
-        let per = self.output.len().checked_div(n).unwrap_or(0);
-        Ok(match self.op {
-            Collective::AllReduce => wrong(&self.input, &|_| sum),
-            Collective::Broadcast => wrong(&self.input, &|_| 1.0),
-            Collective::Reduce if r == 0 => wrong(&self.input, &|_| sum),
-            Collective::Reduce => 0,
-            Collective::AllGather => wrong(&self.output, &|i| (i / per.max(1) + 1) as f32),
-            Collective::ReduceScatter => wrong(&self.output, &|_| sum),
-            Collective::AllToAll => wrong(&self.output, &|i| (i / per.max(1) + 1) as f32),
-        })
     }
+    let wrong = |buf: &[f32], expected: &dyn Fn(usize) -> f32| {
+        buf.iter()
+            .enumerate()
+            .filter(|(i, x)| **x != expected(*i))
+            .count()
+    };
+    let per = output.len().checked_div(n).unwrap_or(0);
+    match op {
+        Collective::AllReduce => wrong(&input, &|_| sum),
+        Collective::Broadcast => wrong(&input, &|_| 1.0),
+        Collective::Reduce if r == 0 => wrong(&input, &|_| sum),
+        Collective::Reduce => 0,
+        Collective::AllGather => wrong(&output, &|i| (i / per.max(1) + 1) as f32),
+        Collective::ReduceScatter => wrong(&output, &|_| sum),
+        Collective::AllToAll => wrong(&output, &|i| (i / per.max(1) + 1) as f32),
+    }
+}
+
+fn check<R: Ranks, C: Case<R>>(op: Collective, ranks: &R, case: &mut C) -> anyhow::Result<usize> {
+    let (input, output) = case.outcome(ranks)?;
+    Ok(wrong_elements(
+        op,
+        ranks.rank(),
+        ranks.size(),
+        input,
+        output,
+    ))
 }
 
 /// One row of results.
@@ -203,14 +296,37 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
             o.factor
         );
     }
-    let comm = Communicator::from_env("bench", CommOptions::default())
-        .context("ferrun-bench collective runs as a worker: launch it with `ferrun --no-python ferrun-bench collective ...`")?;
-    let (rank, n) = (comm.rank(), comm.size());
+    match (o.backend, o.device) {
+        (Backend::Ferrun, Device::Cpu) => {
+            let comm =
+                Communicator::from_env("bench", CommOptions::default()).context(AS_WORKER)?;
+            let transport = comm.transport().kind().to_owned();
+            sweep(o, &comm, &transport, |size, n| {
+                Ok(HostCase::new(o.op, size, n))
+            })
+        }
+        (Backend::Nccl, Device::Cpu) => {
+            bail!("--backend nccl moves GPU buffers: add --device cuda")
+        }
+        (backend, Device::Cuda) => crate::collective_gpu::run(o, backend),
+    }
+}
+
+/// How a benchmark must be started, for its errors.
+pub(crate) const AS_WORKER: &str = "ferrun-bench collective runs as a worker: launch it with `ferrun --no-python ferrun-bench collective ...`";
+
+/// Measures every size of `o` with `make`'s cases over `ranks`, printing and writing the rows.
+pub(crate) fn sweep<R: Ranks, C: Case<R>>(
+    o: &Options,
+    ranks: &R,
+    transport: &str,
+    make: impl Fn(usize, usize) -> anyhow::Result<C>,
+) -> anyhow::Result<()> {
+    let (rank, n) = (ranks.rank(), ranks.size());
     if rank == 0 {
         println!(
-            "# ferrun collective benchmark: {:?}, {n} ranks, float32, sum, {} transport",
+            "# ferrun collective benchmark: {:?}, {n} ranks, float32, sum, {transport}",
             o.op,
-            comm.transport().kind()
         );
         println!(
             "#{:>11} {:>12} {:>6} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}",
@@ -223,8 +339,8 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
     ];
     let mut wrong_sizes = Vec::new();
     for size in sizes(o) {
-        let mut case = Case::new(o.op, size, n);
-        let row = measure(&comm, &mut case, size)?;
+        let mut case = make(size, n)?;
+        let row = measure(o.op, ranks, &mut case, size)?;
         if row.wrong > 0 {
             wrong_sizes.push(format!("{size} B: {} wrong elements", row.wrong));
         }
@@ -242,9 +358,8 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
                 row.wrong
             );
             csv.push(format!(
-                "{:?},{n},{},{size},{},{},{},{},{}",
+                "{:?},{n},{transport},{size},{},{},{},{},{}",
                 o.op,
-                comm.transport().kind(),
                 case.count(),
                 row.time.as_secs_f64() * 1e6,
                 row.algbw,
@@ -278,36 +393,37 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(comm: &Communicator<Auto>, case: &mut Case, size: usize) -> anyhow::Result<Row> {
+fn measure<R: Ranks, C: Case<R>>(
+    op: Collective,
+    ranks: &R,
+    case: &mut C,
+    size: usize,
+) -> anyhow::Result<Row> {
     let (warm, samples, k) = plan(size);
-    let mut wrong = [case.check(comm)? as f64];
-    comm.all_reduce(&mut wrong, ReduceOp::Sum)?;
+    let mut wrong = ranks.reduce_f64(check(op, ranks, case)? as f64, ReduceOp::Sum)?;
     for _ in 0..warm {
-        case.run(comm)?;
+        case.run(ranks)?;
     }
     let mut times = Vec::with_capacity(samples);
     for _ in 0..samples {
-        comm.barrier()?;
+        ranks.barrier()?;
         let t0 = Instant::now();
         for _ in 0..k {
-            case.run(comm)?;
+            case.run(ranks)?;
         }
-        let mut slowest = [t0.elapsed().as_secs_f64() / k as f64];
-        comm.all_reduce(&mut slowest, ReduceOp::Max)?;
-        times.push(slowest[0]);
+        let slowest = t0.elapsed().as_secs_f64() / k as f64;
+        times.push(ranks.reduce_f64(slowest, ReduceOp::Max)?);
     }
     // Checked after the timed loop too: a result that goes wrong under load must show.
-    let mut after = [case.check(comm)? as f64];
-    comm.all_reduce(&mut after, ReduceOp::Sum)?;
-    wrong[0] += after[0];
+    wrong += ranks.reduce_f64(check(op, ranks, case)? as f64, ReduceOp::Sum)?;
     times.sort_by(f64::total_cmp);
     let time = times[times.len() / 2];
     let algbw = size as f64 / time / 1e9;
     Ok(Row {
         time: Duration::from_secs_f64(time),
         algbw,
-        busbw: algbw * busbw_factor(case.op, comm.size()),
-        wrong: wrong[0] as usize,
+        busbw: algbw * busbw_factor(op, ranks.size()),
+        wrong: wrong as usize,
     })
 }
 

@@ -7,6 +7,7 @@
 
 mod alloc;
 mod collective;
+mod collective_gpu;
 mod compare;
 mod launcher;
 mod link;

@@ -56,10 +56,12 @@ impl GpuCommunicator {
     pub fn from_env(name: &str, options: Options) -> Result<Self, GpuError> {
         let env = WorkerEnv::from_env().map_err(crate::comm::InitError::from)?;
         let ordinal = device_ordinal(env.local_rank as usize, Device::count()?)?;
-        Self::from_contract(&env, name, options, ordinal)
+        let forced = std::env::var("FERRUN_GPU_PATH").ok();
+        Self::from_contract(&env, name, options, ordinal, forced.as_deref())
     }
 
-    /// As [`GpuCommunicator::from_env`], from an explicit contract and device.
+    /// As [`GpuCommunicator::from_env`], from an explicit contract and device, and `forced`
+    /// for `FERRUN_GPU_PATH` (`nccl`, `staged` or `auto`).
     ///
     /// # Errors
     /// As [`GpuCommunicator::from_env`].
@@ -68,6 +70,7 @@ impl GpuCommunicator {
         name: &str,
         options: Options,
         ordinal: usize,
+        forced: Option<&str>,
     ) -> Result<Self, GpuError> {
         let device = Device::open(ordinal)?;
         let nccl = Nccl::get();
@@ -100,9 +103,7 @@ impl GpuCommunicator {
                     .collect(),
             )
         })?;
-        let forced = std::env::var("FERRUN_GPU_PATH").ok();
-        let (chosen, why) =
-            placement::choose(forced.as_deref(), &ranks).map_err(GpuError::Placement)?;
+        let (chosen, why) = placement::choose(forced, &ranks).map_err(GpuError::Placement)?;
         let path = match chosen {
             GpuPath::Staged => Path::Staged,
             GpuPath::Nccl => {

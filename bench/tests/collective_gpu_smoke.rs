@@ -1,0 +1,61 @@
+//! `ferrun-bench collective` under the launcher: the CPU sweep passes, and on a machine without
+//! a GPU `--backend nccl --device cuda` exits non-zero with the error that names what is
+//! missing (the GPU sweep itself runs in `bench/gpu-check.sh` on a GPU machine).
+
+use std::process::{Command, Output};
+
+fn collective(extra: &[&str]) -> Output {
+    Command::new(ferrun_tests::ferrun_binary())
+        .args(["--standalone", "--nproc-per-node", "2", "--no-python"])
+        .arg(env!("CARGO_BIN_EXE_ferrun-bench"))
+        .args(["collective", "all_reduce", "--sizes", "4,64K"])
+        .args(extra)
+        .env("FERRUN_TRANSPORT", "shm")
+        .output()
+        .expect("ferrun")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn the_cpu_sweep_prints_both_sizes_with_nothing_wrong() {
+    let out = collective(&[]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    for size in ["4", "65536"] {
+        // Rank 0's lines, as the launcher prefixes them.
+        let row = all
+            .lines()
+            .filter_map(|l| l.strip_prefix("[default0]:"))
+            .find(|l| l.split_whitespace().next() == Some(size))
+            .unwrap_or_else(|| panic!("no row for {size} B:\n{all}"));
+        assert_eq!(row.split_whitespace().last(), Some("0"), "{row}");
+    }
+}
+
+#[test]
+fn without_a_gpu_the_nccl_sweep_fails_naming_the_missing_driver() {
+    if std::path::Path::new("/proc/driver/nvidia").exists() {
+        // A GPU machine runs the sweep for real in bench/gpu-check.sh.
+        return;
+    }
+    let out = collective(&["--backend", "nccl", "--device", "cuda"]);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("libcuda.so.1"), "{all}");
+    assert!(all.contains("--backend \"nccl\" --device cuda") || all.contains("no CUDA driver"), "{all}");
+}
+
+#[test]
+fn nccl_without_cuda_buffers_is_refused_with_the_fix() {
+    let out = collective(&["--backend", "nccl"]);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("add --device cuda"), "{all}");
+}
