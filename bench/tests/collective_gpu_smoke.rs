@@ -49,7 +49,10 @@ fn without_a_gpu_the_nccl_sweep_fails_naming_the_missing_driver() {
     let all = text(&out);
     assert!(!out.status.success(), "{all}");
     assert!(all.contains("libcuda.so.1"), "{all}");
-    assert!(all.contains("--backend \"nccl\" --device cuda") || all.contains("no CUDA driver"), "{all}");
+    assert!(
+        all.contains("--backend \"nccl\" --device cuda") || all.contains("no CUDA driver"),
+        "{all}"
+    );
 }
 
 #[test]

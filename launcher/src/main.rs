@@ -7,9 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use ferrun_collective::store::server as store;
-use ferrun_launcher::configuration::cli;
 use ferrun_launcher::configuration::config::{LaunchConfig, ProcessEnvironment};
 use ferrun_launcher::configuration::serve::{ServeArgs, ServeConfig};
+use ferrun_launcher::configuration::{cli, gpu_env};
 use ferrun_launcher::rendezvous::service::RendezvousService;
 use ferrun_launcher::reports::{error_file, report};
 use ferrun_launcher::supervision::agent::{self, Outcome};
@@ -155,6 +155,17 @@ fn run(config: &LaunchConfig) -> anyhow::Result<u8> {
         config.nproc_note,
         config.run_id
     );
+    let setup = gpu_env::GpuSetup {
+        gpus: config.gpus,
+        gpu_source: &config.gpu_source,
+        local_world_size: config.local_world_size,
+        pinned: config.virtual_local_rank,
+        async_error_handling: &config.nccl_async_error_handling,
+    };
+    let environment: Vec<(String, String)> = std::env::vars().collect();
+    for line in gpu_env::report(&setup, &environment) {
+        tracing::info!("{line}");
+    }
     // Workers are spawned from this (the main) thread: PR_SET_PDEATHSIG follows the spawning thread.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

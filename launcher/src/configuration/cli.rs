@@ -229,8 +229,9 @@ pub struct Args {
     )]
     pub duplicate_stderr_filters: String,
 
-    /// Give every worker LOCAL_RANK=0 and only its own GPU in CUDA_VISIBLE_DEVICES.
-    #[arg(long = "virtual-local-rank", alias = "virtual_local_rank", env = "PET_VIRTUAL_LOCAL_RANK",
+    /// Give every worker LOCAL_RANK=0 and only its own GPU in CUDA_VISIBLE_DEVICES (ranks
+    /// beyond the GPUs share them round-robin). [ferrun] Also spelled --pin-gpus.
+    #[arg(long = "virtual-local-rank", alias = "virtual_local_rank", visible_alias = "pin-gpus", env = "PET_VIRTUAL_LOCAL_RANK",
           action = ArgAction::SetTrue, value_parser = FalseyValueParser::new())]
     pub virtual_local_rank: bool,
 

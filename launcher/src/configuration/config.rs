@@ -162,6 +162,10 @@ pub struct LaunchConfig {
     pub set_omp_num_threads: bool,
     /// `TORCH_NCCL_ASYNC_ERROR_HANDLING`: inherited, or "1".
     pub nccl_async_error_handling: String,
+    /// GPUs this node has (for pinning and the start-up report).
+    pub gpus: u32,
+    /// Where the GPU count came from.
+    pub gpu_source: String,
 }
 
 /// What the configuration reads from the launcher's environment (a seam for tests).
@@ -232,8 +236,9 @@ impl LaunchConfig {
             return Err(ConfigError::Backend(args.rdzv_backend.clone()));
         }
         let rdzv_conf = parse_rdzv_conf(&args.rdzv_conf)?;
+        let devices = env.devices();
         let (local_world_size, nproc_note) =
-            nproc::resolve(&args.nproc_per_node, || env.devices())?;
+            nproc::resolve(&args.nproc_per_node, || devices.clone())?;
 
         // torch 2.13 (run.py `run`): --standalone, and a single-node static launch given neither
         // an endpoint nor a master port, get a local store on a free port and a fresh run id.
@@ -351,6 +356,8 @@ impl LaunchConfig {
             nccl_async_error_handling: env
                 .var("TORCH_NCCL_ASYNC_ERROR_HANDLING")
                 .unwrap_or_else(|| "1".to_owned()),
+            gpus: devices.gpus,
+            gpu_source: devices.gpu_source,
         })
     }
 }

@@ -7,11 +7,13 @@
 //! - [`entrypoint`]: the worker's command line (`python -u`, `-m`, `--no-python`, `--run-path`).
 //! - [`serve`]: `ferrun rendezvous serve`'s flags.
 //! - [`nproc`]: `--nproc-per-node` as an integer, `cpu`, `gpu` or `auto`.
+//! - [`gpu_env`]: what GPU workers are told (pinned devices, NCCL variables), printed once.
 
 pub mod cli;
 pub mod config;
 pub mod elastic_conf;
 pub mod entrypoint;
 pub mod flags;
+pub mod gpu_env;
 pub mod nproc;
 pub mod serve;

@@ -17,6 +17,7 @@ use tokio::process::{Child, Command};
 
 use crate::configuration::config::LaunchConfig;
 use crate::configuration::entrypoint::LOCAL_RANK_MACRO;
+use crate::configuration::gpu_env::pinned_device;
 use crate::rendezvous::agent_store::Assignment;
 
 /// What every worker of this node shares: its place in the job and the store to bootstrap through.
@@ -130,9 +131,10 @@ pub fn launch_of(
     ));
     if config.virtual_local_rank {
         vars.push(("LOCAL_RANK".into(), "0".into()));
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
         vars.push((
             "CUDA_VISIBLE_DEVICES".into(),
-            visible_device(env.local_rank).into(),
+            pinned_device(env.local_rank, visible.as_deref(), config.gpus).into(),
         ));
     }
     Ok(Launch {
@@ -174,16 +176,6 @@ pub fn spawn(
 }
 
 /// torchrun's `--virtual-local-rank`: the worker sees only its own GPU, as device 0.
-fn visible_device(local_rank: u32) -> String {
-    match std::env::var("CUDA_VISIBLE_DEVICES") {
-        Ok(list) => list
-            .split(',')
-            .nth(local_rank as usize)
-            .map_or_else(|| local_rank.to_string(), |d| d.trim().to_owned()),
-        Err(_) => local_rank.to_string(),
-    }
-}
-
 /// Binds a child to the launcher's life (see the module docs).
 #[allow(unsafe_code)]
 pub(crate) fn bind_to_launcher(command: &mut Command) {
