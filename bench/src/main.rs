@@ -9,6 +9,8 @@ mod alloc;
 mod collective;
 mod collective_gpu;
 mod compare;
+mod gpu_check;
+mod gpu_check_cuda;
 mod launcher;
 mod link;
 mod lost_node;
@@ -55,6 +57,9 @@ enum Command {
     Collective(collective::Options),
     /// A collective beside Gloo (and OpenMPI where installed) in one invocation, with ratios.
     Compare(compare::Options),
+    /// Every collective in every dtype against expected values, on GPU (or CPU) buffers
+    /// (run it under ferrun; bench/gpu-check.sh runs it on a GPU machine).
+    GpuCheck(gpu_check::Options),
     /// One end of the raw TCP link test between `compare --two-hosts`'s hosts.
     #[command(hide = true)]
     Link(link::Options),
@@ -84,6 +89,7 @@ fn main() -> anyhow::Result<()> {
         Command::Store(options) => store::run(&options),
         Command::Collective(options) => collective::run(&options),
         Command::Compare(options) => compare::run(&options),
+        Command::GpuCheck(options) => gpu_check::run(&options),
         Command::Link(options) => link::run(&options),
         Command::StoreServer => store::serve(),
         Command::StoreClients(options) => store::serve_clients(&options),

@@ -62,3 +62,45 @@ fn nccl_without_cuda_buffers_is_refused_with_the_fix() {
     assert!(!out.status.success(), "{all}");
     assert!(all.contains("add --device cuda"), "{all}");
 }
+
+fn gpu_check(ranks: &str, extra: &[&str], spoil: bool) -> Output {
+    let mut cmd = Command::new(ferrun_tests::ferrun_binary());
+    cmd.args(["--standalone", "--nproc-per-node", ranks, "--no-python"])
+        .arg(env!("CARGO_BIN_EXE_ferrun-bench"))
+        .args(["gpu-check", "--count", "37"])
+        .args(extra);
+    if spoil {
+        cmd.env("FERRUN_BENCH_SPOIL", "1");
+    }
+    cmd.output().expect("ferrun")
+}
+
+#[test]
+fn the_checks_expected_values_hold_on_the_cpu_communicator_and_a_wrong_one_fails() {
+    let out = gpu_check("3", &["--device", "cpu"], false);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("74 passed, 0 failed"), "{all}");
+    for row in [
+        "AllReduce(Avg)         Bf16   ok",
+        "AllToAll              U8     ok",
+        "SendRecv              F16    ok",
+    ] {
+        assert!(all.contains(row), "{row}:\n{all}");
+    }
+    let out = gpu_check("2", &["--device", "cpu"], true);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("WRONG"), "{all}");
+}
+
+#[test]
+fn without_a_gpu_the_gpu_check_fails_naming_the_missing_driver() {
+    if std::path::Path::new("/proc/driver/nvidia").exists() {
+        return;
+    }
+    let out = gpu_check("1", &[], false);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("no CUDA driver: libcuda.so.1"), "{all}");
+}

@@ -230,7 +230,8 @@ fn module_no_python_and_run_path_entrypoints_run_the_worker() {
 fn pinned_gpus_match_torchrun_and_are_printed_once_at_start() {
     let flags = ["--nproc-per-node", "2", "--virtual-local-rank"];
     let with_gpus = |mut cmd: std::process::Command| {
-        cmd.env("CUDA_VISIBLE_DEVICES", "4,5").env("NCCL_DEBUG", "WARN");
+        cmd.env("CUDA_VISIBLE_DEVICES", "4,5")
+            .env("NCCL_DEBUG", "WARN");
         cmd
     };
     let theirs = dump(with_gpus(torchrun()), &flags);
@@ -254,6 +255,14 @@ fn pinned_gpus_match_torchrun_and_are_printed_once_at_start() {
     let said = |needle: &str| stderr.matches(needle).count();
     assert_eq!(said("CUDA_VISIBLE_DEVICES per local rank"), 1, "{stderr}");
     assert_eq!(said("0→4 1→5"), 1, "{stderr}");
-    assert_eq!(said("NCCL_DEBUG=WARN (yours, passed through)"), 1, "{stderr}");
-    assert_eq!(said("TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (set by ferrun)"), 1, "{stderr}");
+    assert_eq!(
+        said("NCCL_DEBUG=WARN (yours, passed through)"),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(
+        said("TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (set by ferrun)"),
+        1,
+        "{stderr}"
+    );
 }
