@@ -45,7 +45,7 @@ fn invalid(e: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(format!("ferrun: {e}"))
 }
 
-fn reduce_op(name: &str) -> PyResult<ReduceOp> {
+pub(crate) fn reduce_op(name: &str) -> PyResult<ReduceOp> {
     Ok(match name {
         "sum" => ReduceOp::Sum,
         "product" => ReduceOp::Prod,

@@ -11,9 +11,11 @@
 //! - [`tensor`]: buffers from pointers, and the dtype table.
 //! - [`engine`]: where ops run: in order, on the group's thread or (small ones) the caller's.
 //! - [`group`]: the `Group` class: bootstrap, every op, close.
+//! - [`gpu_group`]: the `GpuGroup` class: CUDA tensors over NCCL, or staged through host memory.
 //!
 //! # Trust
-//! The Python half is trusted to describe live, CPU, contiguous tensors (it holds them until
+//! The Python half is trusted to describe live, contiguous tensors (CPU ones to `Group`, CUDA
+//! ones on the group's device to `GpuGroup`) (it holds them until
 //! the op completes); this module still checks every count and pointer it can (non-null,
 //! aligned, lengths that agree, buffers that overlap). Peers and the store are untrusted as
 //! everywhere in `ferrun-collective`: what they send is validated there.
@@ -24,6 +26,7 @@
 use pyo3::prelude::*;
 
 mod engine;
+mod gpu_group;
 mod group;
 mod store;
 mod tensor;
@@ -32,6 +35,7 @@ mod tensor;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<group::Group>()?;
+    m.add_class::<gpu_group::GpuGroup>()?;
     m.add("DTYPES", tensor::DTYPE_NAMES.to_vec())?;
     Ok(())
 }

@@ -72,46 +72,57 @@ impl GpuCommunicator {
         ordinal: usize,
         forced: Option<&str>,
     ) -> Result<Self, GpuError> {
-        let device = Device::open(ordinal)?;
-        let nccl = Nccl::get();
         let host = Communicator::from_contract(env, &format!("{name}/gpu"), options)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(crate::comm::InitError::Runtime)?;
-        let join = options.deadline.min(Duration::from_secs(600));
-        let (rank, size) = (env.rank as usize, env.world_size as usize);
-        let mut store = runtime
-            .block_on(StoreClient::connect(
-                &env.master_addr,
-                env.master_port,
-                join,
-            ))?
-            .prefixed(&format!("ferrun/gpu/{name}/attempt_{}", env.restart_count));
+        let deadline = options.deadline.min(Duration::from_secs(600));
+        runtime.block_on(async {
+            let mut store = StoreClient::connect(&env.master_addr, env.master_port, deadline)
+                .await?
+                .prefixed(&format!("ferrun/gpu/{name}/attempt_{}", env.restart_count));
+            Self::join(&mut store, host, ordinal, forced, deadline).await
+        })
+    }
+
+    /// Joins the GPU communicator of `host`'s ranks through `store` (any store every rank
+    /// shares, under a prefix of this communicator's own): `host` carries fingerprints, or the
+    /// data when staged. NCCL's init is bounded by `deadline`.
+    ///
+    /// # Errors
+    /// As [`GpuCommunicator::from_env`].
+    pub async fn join(
+        store: &mut impl KeyValue,
+        host: Communicator<Auto>,
+        ordinal: usize,
+        forced: Option<&str>,
+        deadline: Duration,
+    ) -> Result<Self, GpuError> {
+        let device = Device::open(ordinal)?;
+        let nccl = Nccl::get();
+        let (rank, size) = (host.rank(), host.size());
         let ours = RankGpu {
             host: crate::comm::host_identity(),
             device: device.uuid().to_owned(),
             nccl: nccl.is_ok(),
         };
         let keys: Vec<String> = (0..size).map(|r| format!("placement/{r}")).collect();
-        let ranks: Vec<RankGpu> = runtime.block_on(async {
-            store.set(&keys[rank], ours.encode().as_bytes()).await?;
-            let all = store.get_all(&keys).await?;
-            Ok::<_, GpuError>(
-                all.iter()
-                    .map(|v| RankGpu::decode(&String::from_utf8_lossy(v)))
-                    .collect(),
-            )
-        })?;
+        store.set(&keys[rank], ours.encode().as_bytes()).await?;
+        let ranks: Vec<RankGpu> = store
+            .get_all(&keys)
+            .await?
+            .iter()
+            .map(|v| RankGpu::decode(&String::from_utf8_lossy(v)))
+            .collect();
         let (chosen, why) = placement::choose(forced, &ranks).map_err(GpuError::Placement)?;
         let path = match chosen {
             GpuPath::Staged => Path::Staged,
             GpuPath::Nccl => {
                 // Loaded once: the same library, or the same error.
                 let lib = Nccl::get()?;
-                let id =
-                    runtime.block_on(unique_id::exchange(&mut store, rank, || lib.unique_id()))?;
-                let comm = NcclComm::init(lib, device.clone(), id, rank, size, join)?;
+                let id = unique_id::exchange(store, rank, || lib.unique_id()).await?;
+                let comm = NcclComm::init(lib, device.clone(), id, rank, size, deadline)?;
                 let scratch = DeviceMemory::upload(&device, &[0f32])?;
                 Path::Nccl { comm, scratch }
             }
@@ -122,7 +133,7 @@ impl GpuCommunicator {
         };
         if rank == 0 {
             tracing::info!(
-                "GPU collectives of {name:?}: {why}; rank 0 on {} ({})",
+                "GPU collectives: {why}; rank 0 on {} ({})",
                 device.name(),
                 device.uuid()
             );

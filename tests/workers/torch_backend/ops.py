@@ -263,7 +263,7 @@ for bad, words in [
     (lambda: dist.all_gather_into_tensor(torch.empty(3), torch.empty(2), group=fr), "world size"),
     (lambda: dist.all_reduce(torch.zeros(2), op=dist.ReduceOp.BAND, group=fr), "not supported"),
     # No GPU here: a tensor on another device stands for a CUDA one.
-    (lambda: dist.all_reduce(torch.zeros(2, device="meta"), group=fr), "'nccl' backend for CUDA"),
+    (lambda: dist.all_reduce(torch.zeros(2, device="meta"), group=fr), "runs CPU and CUDA tensors"),
 ]:
     try:
         bad()
@@ -272,6 +272,19 @@ for bad, words in [
         checks += 1
     else:
         raise AssertionError(f"no error for {words}")
+
+# No GPU here: the GPU communicator CUDA tensors would use says what is missing, at once.
+from ferrun import _native
+from ferrun.torch._util import _StoreAdapter
+
+try:
+    store = dist.distributed_c10d._get_default_store()
+    _native.GpuGroup(_StoreAdapter(store, "gpu-check/", datetime.timedelta(seconds=30)), rank, n, 30.0, 0)
+except RuntimeError as e:
+    assert "cannot join its GPU group on cuda:0" in str(e) and "libcuda.so.1" in str(e), str(e)
+    checks += 1
+else:
+    raise AssertionError("a GPU group was made on a machine without a GPU")
 
 dist.destroy_process_group()
 print(f"rank {rank}: ops ok: {checks} checks over {os.environ.get('FERRUN_TRANSPORT', 'auto')}", flush=True)

@@ -4,7 +4,10 @@
     torch.distributed.init_process_group("ferrun")
 
 Ranks on one host talk over shared memory, ranks on different hosts over TCP (chosen per pair,
-as ferrun's own workers do); the group bootstraps through the store torch hands the backend, so
+as ferrun's own workers do). CUDA tensors go through ferrun's GPU communicator — NCCL when every
+rank has a GPU of its own, else staged through pinned host memory — for all-reduce, broadcast,
+all-gather and reduce-scatter of contiguous tensors (DDP's and FSDP's traffic), and through host
+memory for the other ops; one backend name serves CPU and GPU jobs; the group bootstraps through the store torch hands the backend, so
 sub-groups (``new_group``) and jobs launched by ``ferrun`` or ``torchrun`` work alike.
 
 Ops run in call order, without the GIL, on the tensors' memory (contiguous CPU tensors in
@@ -33,9 +36,11 @@ from ._util import (
     _StoreAdapter,
     _Work,
     _buf,
-    _check_cpu,
+    _check_dense,
     _fail,
     _flat,
+    _host,
+    _on_gpu,
     _moved,
     _reduction,
     _same,
@@ -63,6 +68,7 @@ class ProcessGroupFerrun(dist.ProcessGroup):
             store.set(prefix + "id", uuid.uuid4().hex)
         store.wait([prefix + "id"], timeout)
         group_id = store.get(prefix + "id").decode()
+        self._store, self._prefix, self._gpus = store, prefix, {}
         _live.add(self)
         self._group = _native.Group(
             _StoreAdapter(store, prefix, timeout),
@@ -114,6 +120,35 @@ class ProcessGroupFerrun(dist.ProcessGroup):
             _fail(f"{what}: root {root} is not a rank of this {self.size()}-rank group")
         return root
 
+    def _gpu(self, device):
+        """The GPU communicator of `device` (made at the first CUDA op, which every rank calls)."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        group = self._gpus.get(index)
+        if group is None:
+            group = _native.GpuGroup(
+                _StoreAdapter(self._store, f"{self._prefix}gpu/{index}/", self._timeout),
+                self.rank(),
+                self.size(),
+                self._timeout.total_seconds(),
+                index,
+                _tcp_address(self._store),
+            )
+            self._gpus[index] = group
+        return group
+
+    def _on_device(self, t, result, call):
+        """Runs `call(gpu_group)` on `t`'s GPU once what torch queued on its stream is done: a
+        Work already complete (or failed with the op's error)."""
+        torch.cuda.current_stream(t.device).synchronize()
+        fut = Future()
+        try:
+            call(self._gpu(t.device))
+        except (RuntimeError, ValueError) as e:
+            fut.set_exception(e)
+        else:
+            fut.set_result(result)
+        return _Work(fut, raw=True)
+
     # -- reductions -------------------------------------------------------------------------
 
     def allreduce(self, tensors, opts=None):
@@ -126,7 +161,11 @@ class ProcessGroupFerrun(dist.ProcessGroup):
                 fut = Future()
                 self._group.all_reduce(fut, tensors, [(t.data_ptr(), t.numel())], code, op)
                 return _Work(fut, raw=True)
-        _check_cpu(tensors)
+            if _on_gpu(t) and t.layout == torch.strided:
+                op, code = _reduction(opts, t.dtype)
+                b = t.view(torch.uint8) if t.dtype == torch.bool else t
+                return self._on_device(t, tensors, lambda g: g.all_reduce(_buf(b), code, op))
+        _check_dense(tensors)
         if not tensors:
             return self._work(lambda f, r: f.set_result(r), tensors)
         if len(tensors) > 1:
@@ -142,7 +181,7 @@ class ProcessGroupFerrun(dist.ProcessGroup):
 
     def allreduce_coalesced(self, tensors, opts=None):
         opts = opts or dist.AllreduceCoalescedOptions()
-        _check_cpu(tensors)
+        _check_dense(tensors)
         dtypes = {t.dtype for t in tensors}
         if len(dtypes) > 1:
             _fail(f"allreduce_coalesced: tensors of one dtype only; got {sorted(map(str, dtypes))}")
@@ -159,7 +198,7 @@ class ProcessGroupFerrun(dist.ProcessGroup):
     def reduce(self, tensors, opts=None):
         opts = opts or dist.ReduceOptions()
         t = _single(tensors, "reduce")
-        _check_cpu([t])
+        _check_dense([t])
         op, code = _reduction(opts, t.dtype)
         root = self._root(opts.rootRank, "reduce")
         staged = _Staged()
@@ -173,9 +212,11 @@ class ProcessGroupFerrun(dist.ProcessGroup):
         inputs = _single(input_tensors, "reduce_scatter")
         if len(inputs) != self.size():
             _fail(f"reduce_scatter: {len(inputs)} inputs for a {self.size()}-rank group")
-        _check_cpu([out, *inputs])
+        _check_dense([out, *inputs])
         _same([out, *inputs], "reduce_scatter")
-        return self._reduce_scatter(out, _flat(inputs), opts, output_tensors, own_input=True)
+        # Flattened where the tensors are, so that CUDA inputs can go to the GPU communicator.
+        flat = torch.cat([t.reshape(-1) for t in inputs])
+        return self._reduce_scatter(out, flat, opts, output_tensors, own_input=True)
 
     def reduce_scatter_single(self, output, input, opts=None):
         return self._reduce_scatter(output, input, opts or dist.ReduceScatterOptions(), output)
@@ -187,7 +228,7 @@ class ProcessGroupFerrun(dist.ProcessGroup):
         return works[-1] if works else self._work(lambda f, r: f.set_result(r), outputs)
 
     def _reduce_scatter(self, output, input, opts, result, own_input=False):
-        _check_cpu([output, input])
+        _check_dense([output, input])
         if output.dtype != input.dtype:
             _fail(f"reduce_scatter: output is {output.dtype}, input {input.dtype}")
         if input.numel() != output.numel() * self.size():
@@ -196,6 +237,10 @@ class ProcessGroupFerrun(dist.ProcessGroup):
                 f"world size × output = {self.size()} × {output.numel()}"
             )
         op, code = _reduction(opts, output.dtype)
+        if _on_gpu(output) and _on_gpu(input) and output.dtype != torch.bool:
+            return self._on_device(
+                output, result, lambda g: g.reduce_scatter(_buf(input), _buf(output), code, op)
+            )
         staged = _Staged()
         i, o = staged.input(input), staged.output(output)
         if own_input:
@@ -210,8 +255,11 @@ class ProcessGroupFerrun(dist.ProcessGroup):
     def broadcast(self, tensors, opts=None):
         opts = opts or dist.BroadcastOptions()
         t = _single(tensors, "broadcast")
-        _check_cpu([t])
+        _check_dense([t])
         root = self._root(opts.rootRank, "broadcast")
+        if _on_gpu(t):
+            m, code = _moved(t)
+            return self._on_device(t, tensors, lambda g: g.broadcast(_buf(m), code, root))
         staged = _Staged()
         s, code = _moved(staged.inout(t))
         group = self._group
@@ -222,10 +270,10 @@ class ProcessGroupFerrun(dist.ProcessGroup):
         outs = _single(output_tensors, "allgather")
         if len(outs) != self.size():
             _fail(f"allgather: {len(outs)} outputs for a {self.size()}-rank group")
-        _check_cpu([t, *outs])
+        _check_dense([t, *outs])
         _same([t, *outs], "allgather")
         flat = torch.empty(t.numel() * self.size(), dtype=t.dtype)
-        i, code = _moved(t.contiguous())
+        i, code = _moved(_host(t))
         o, _ = _moved(flat)
         group = self._group
 
@@ -234,7 +282,7 @@ class ProcessGroupFerrun(dist.ProcessGroup):
         return _Work(fut.then(_unflatten_into(flat, outs, output_tensors)))
 
     def all_gather_single(self, output, input, opts=None):
-        _check_cpu([output, input])
+        _check_dense([output, input])
         if output.dtype != input.dtype:
             _fail(f"all_gather: output is {output.dtype}, input {input.dtype}")
         if output.numel() != input.numel() * self.size():
@@ -242,6 +290,10 @@ class ProcessGroupFerrun(dist.ProcessGroup):
                 f"all_gather: the output holds {output.numel()} elements; it must hold "
                 f"world size × input = {self.size()} × {input.numel()}"
             )
+        if _on_gpu(output) and _on_gpu(input):
+            i, code = _moved(input)
+            o, _ = _moved(output)
+            return self._on_device(output, [output], lambda g: g.all_gather(_buf(i), _buf(o), code))
         staged = _Staged()
         i, code = _moved(staged.input(input))
         o, _ = _moved(staged.output(output))
@@ -260,7 +312,7 @@ class ProcessGroupFerrun(dist.ProcessGroup):
         n = self.size()
         if len(output_tensors) != n or len(input_tensors) != n:
             _fail(f"alltoall: {len(input_tensors)} inputs and {len(output_tensors)} outputs for a {n}-rank group")
-        _check_cpu([*output_tensors, *input_tensors])
+        _check_dense([*output_tensors, *input_tensors])
         dtypes = {t.dtype for t in [*output_tensors, *input_tensors]}
         if len(dtypes) > 1:
             _fail(f"alltoall: tensors of one dtype only; got {sorted(map(str, dtypes))}")
@@ -281,7 +333,7 @@ class ProcessGroupFerrun(dist.ProcessGroup):
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         n = self.size()
-        _check_cpu([output, input])
+        _check_dense([output, input])
         if output.dtype != input.dtype:
             _fail(f"all_to_all: output is {output.dtype}, input {input.dtype}")
         staged = _Staged()
@@ -321,15 +373,15 @@ class ProcessGroupFerrun(dist.ProcessGroup):
         opts = opts or dist.GatherOptions()
         t = _single(input_tensors, "gather")
         root = self._root(opts.rootRank, "gather")
-        _check_cpu([t])
-        i, code = _moved(t.contiguous())
+        _check_dense([t])
+        i, code = _moved(_host(t))
         group = self._group
         if self.rank() != root:
             return self._work(lambda f, r: group.gather(f, r, _buf(i), None, code, root), [i])
         outs = _single(output_tensors, "gather")
         if len(outs) != self.size():
             _fail(f"gather: {len(outs)} outputs at the root for a {self.size()}-rank group")
-        _check_cpu(outs)
+        _check_dense(outs)
         _same([t, *outs], "gather")
         flat = torch.empty(t.numel() * self.size(), dtype=t.dtype)
         o, _ = _moved(flat)
@@ -342,7 +394,7 @@ class ProcessGroupFerrun(dist.ProcessGroup):
         opts = opts or dist.ScatterOptions()
         out = _single(output_tensors, "scatter")
         root = self._root(opts.rootRank, "scatter")
-        _check_cpu([out])
+        _check_dense([out])
         staged = _Staged()
         o, code = _moved(staged.output(out))
         group = self._group
@@ -353,7 +405,7 @@ class ProcessGroupFerrun(dist.ProcessGroup):
         ins = _single(input_tensors, "scatter")
         if len(ins) != self.size():
             _fail(f"scatter: {len(ins)} inputs at the root for a {self.size()}-rank group")
-        _check_cpu(ins)
+        _check_dense(ins)
         _same([out, *ins], "scatter")
         i, _ = _moved(staged.hold(_flat(ins)))
         return self._work(
@@ -370,7 +422,7 @@ class ProcessGroupFerrun(dist.ProcessGroup):
 
     def _p2p(self, tensors, peer, tag, what):
         t = _single(tensors, what)
-        _check_cpu([t])
+        _check_dense([t])
         if not 0 <= peer < self.size() or peer == self.rank():
             _fail(f"{what}: peer {peer} must be another rank of this {self.size()}-rank group")
         if not 0 <= tag < 2**32:
@@ -417,4 +469,4 @@ def _create(store, rank, size, timeout):
 
 
 if not hasattr(dist.Backend, "FERRUN"):
-    dist.Backend.register_backend("ferrun", _create, devices=["cpu"])
+    dist.Backend.register_backend("ferrun", _create, devices=["cpu", "cuda"])

@@ -27,15 +27,30 @@ def _fail(what):
     raise ValueError(f"ferrun: {what}")
 
 
-def _check_cpu(tensors):
+def _check_dense(tensors):
+    """Every tensor dense, on the CPU or CUDA, all on one kind of device."""
+    kinds = set()
     for t in tensors:
-        if t.device.type != "cpu":
+        if t.device.type not in ("cpu", "cuda"):
             raise RuntimeError(
-                f"ferrun: a tensor on {t.device}: ferrun's torch backend runs CPU tensors; "
-                "move it with .cpu(), or use the 'nccl' backend for CUDA tensors"
+                f"ferrun: a tensor on {t.device}: ferrun's torch backend runs CPU and CUDA tensors; "
+                "move it with .cpu() or .cuda()"
             )
         if t.layout != torch.strided:
             _fail(f"a {t.layout} tensor: only dense (strided) tensors are supported")
+        kinds.add(t.device.type)
+    if len(kinds) > 1:
+        _fail("tensors on the CPU and on CUDA in one op: put them on one device")
+
+
+def _host(t):
+    """`t` contiguous in host memory: itself, or a copy of a CUDA tensor's contents."""
+    return t.contiguous() if t.device.type == "cpu" else t.to("cpu")
+
+
+def _on_gpu(t):
+    """A contiguous CUDA tensor that ferrun's GPU communicator can take in place."""
+    return t.device.type == "cuda" and t.is_contiguous()
 
 
 def _buf(t):
@@ -64,17 +79,19 @@ def _reduction(opts, dtype):
 
 
 class _Staged:
-    """Tensors as the native ops take them: contiguous, and as bytes for dtypes that are only
-    moved. Copies made for non-contiguous outputs are copied back when the op completes."""
+    """Tensors as the native (host) ops take them: contiguous, in host memory, and as bytes for
+    dtypes that are only moved. Copies made for non-contiguous or CUDA outputs are copied back
+    when the op completes (CUDA tensors the GPU communicator cannot take this way go through
+    host memory)."""
 
     def __init__(self):
         self.back = []
         self.keep = []
 
     def input(self, t):
-        if t.is_contiguous():
+        if t.is_contiguous() and t.device.type == "cpu":
             return t
-        staged = t.contiguous()
+        staged = _host(t)
         self.keep.append(staged)
         return staged
 
@@ -84,9 +101,9 @@ class _Staged:
         return t
 
     def output(self, t):
-        if t.is_contiguous():
+        if t.is_contiguous() and t.device.type == "cpu":
             return t
-        staged = t.contiguous()
+        staged = _host(t)
         self.back.append((t, staged))
         return staged
 
@@ -127,7 +144,8 @@ def _unflatten_into(flat, tensors, result):
 
 
 def _flat(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0)
+    """The tensors' elements end to end, in host memory."""
+    return torch.cat([_host(t).reshape(-1) for t in tensors]) if tensors else torch.empty(0)
 
 
 def _single(tensors, what):
