@@ -16,10 +16,14 @@ export FERRUN_VENV="$(scripts/setup-python.sh)"
 eval "$(scripts/libtorch-env.sh "$FERRUN_VENV")"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The workspace builds the collectives with their GPU feature (the bench and the torch backend
+# ask for it); a build without it must stay clean and say so when asked for a GPU.
+cargo clippy -p ferrun-collective --all-targets --quiet -- -D warnings
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+cargo test -p ferrun-collective --lib --no-fail-fast gpu:: 2>&1 | tee -a "$log" || status=$?
 # One closing line for the whole suite (cargo prints one per test binary), failures or not.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -62,7 +62,7 @@ pub fn candidates(search: &Search) -> Vec<PathBuf> {
 }
 
 /// The `site-packages` folders under Python prefixes: `$VIRTUAL_ENV`, `$CONDA_PREFIX`, the
-/// prefix of the `python3` on `PATH` (a venv's `bin/..`), `/usr/local` and `/usr`.
+/// prefix of the `python3` on `PATH` (a venv's `bin/..`), `~/.local`, `/usr/local` and `/usr`.
 pub fn site_packages(prefixes: &[PathBuf]) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for prefix in prefixes {
@@ -103,6 +103,10 @@ pub fn this_process() -> Search {
                 break;
             }
         }
+    }
+    if let Some(home) = env("HOME") {
+        // `pip install --user`.
+        prefixes.push(PathBuf::from(home).join(".local"));
     }
     prefixes.extend([PathBuf::from("/usr/local"), PathBuf::from("/usr")]);
     Search {
