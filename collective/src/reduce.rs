@@ -34,6 +34,20 @@ pub enum DType {
 }
 
 impl DType {
+    /// Every dtype, in code order: the order label codes on the wire and the torch backend's
+    /// dtype codes use.
+    pub const ALL: [DType; 9] = [
+        Self::F32,
+        Self::F64,
+        Self::F16,
+        Self::Bf16,
+        Self::I32,
+        Self::I64,
+        Self::U8,
+        Self::I8,
+        Self::I16,
+    ];
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {

@@ -23,19 +23,6 @@ use crate::store::PyStore;
 /// A CUDA buffer as the Python half passes it: `(data_ptr, numel)`.
 type Buf = (u64, usize);
 
-/// torch's dtypes in [`crate::tensor::DTYPE_NAMES`] order.
-const DTYPES: [DType; 9] = [
-    DType::F32,
-    DType::F64,
-    DType::F16,
-    DType::Bf16,
-    DType::I32,
-    DType::I64,
-    DType::U8,
-    DType::I8,
-    DType::I16,
-];
-
 fn failed(e: GpuError) -> PyErr {
     match e {
         GpuError::Invalid { .. } => PyValueError::new_err(format!("ferrun: {e}")),
@@ -43,8 +30,10 @@ fn failed(e: GpuError) -> PyErr {
     }
 }
 
+/// The buffer of a dtype code: an index of [`crate::tensor::DTYPE_NAMES`], whose order is
+/// [`DType::ALL`]'s.
 fn buf((ptr, count): Buf, dtype: usize) -> PyResult<DeviceBuf> {
-    let dtype = *DTYPES.get(dtype).ok_or_else(|| {
+    let dtype = *DType::ALL.get(dtype).ok_or_else(|| {
         PyValueError::new_err(format!("ferrun: dtype code {dtype} names no dtype"))
     })?;
     if ptr == 0 && count > 0 {

@@ -158,17 +158,7 @@ const KINDS: [Kind; 11] = [
     Kind::Scatter,
     Kind::AllToAllV,
 ];
-const DTYPES: [DType; 9] = [
-    DType::F32,
-    DType::F64,
-    DType::F16,
-    DType::Bf16,
-    DType::I32,
-    DType::I64,
-    DType::U8,
-    DType::I8,
-    DType::I16,
-];
+const DTYPES: [DType; 9] = DType::ALL;
 const REDUCES: [ReduceOp; 5] = [
     ReduceOp::Sum,
     ReduceOp::Prod,

@@ -67,7 +67,10 @@ impl Device {
             other => other?,
         }
         let n = result::device::get_count().map_err(cuda("cuDeviceGetCount"))?;
-        Ok(usize::try_from(n).unwrap_or(0))
+        usize::try_from(n).map_err(|_| GpuError::Cuda {
+            what: "cuDeviceGetCount",
+            message: format!("the driver counted {n} devices"),
+        })
     }
 
     /// GPU `ordinal`, its primary context bound to this thread.
